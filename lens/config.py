@@ -1,0 +1,171 @@
+"""Typed run configuration: dataclasses merged with a YAML file and ``key=value`` overrides.
+
+OmegaConf checks every key and type against these dataclasses, so ``optim.lr_sclae=2`` is an
+error naming the key and the valid ones, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """Hub id, local folder, local ``.gguf`` file, or ``smollm2-135m`` (the embedded default)."""
+    dtype: str = "float32"
+    """Weights dtype of the frozen base model (``float32``, ``bfloat16``, ``float16``)."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "debian-handbook"
+    """``debian-handbook`` (embedded default corpus), a local .txt/.json/.jsonl file or folder,
+    or a ``datasets`` hub name."""
+    subset: Optional[str] = None
+    """``datasets`` configuration name (e.g. ``wikitext-103-raw-v1``)."""
+    split: str = "train"
+    """Split read from the dataset; the held-out part is carved out of it by document."""
+    text_column: str = "text"
+    """Column holding the raw text."""
+    streaming: bool = False
+    """Stream the dataset instead of tokenising it all up front (large corpora)."""
+    seq_len: int = 256
+    """Tokens per packed training sequence (tuned-lens uses 2048; small here for CPU runs)."""
+    eval_percent: float = 5.0
+    """Percent of documents held out for evaluation (chosen by a hash of the document index)."""
+    max_eval_sequences: int = 8
+    """Held-out sequences used by validation and the final evaluation."""
+    max_train_sequences: Optional[int] = None
+    """Cap on packed training sequences (None: all)."""
+    batch_size: int = 4
+    """Sequences per device per step."""
+    num_workers: int = 0
+    """DataLoader workers."""
+
+
+@dataclass
+class LensConfig:
+    init: str = "lstsq"
+    """``zero`` (the published recipe: start as the logit lens) or ``lstsq`` (closed-form ridge
+    regression onto the final residual, then KL fine-tuning)."""
+    lstsq_sequences: int = 64
+    """Training sequences used to accumulate the closed-form statistics."""
+    ridge: float = 1e-3
+    """Ridge penalty relative to the mean Gram diagonal of each layer."""
+    positions_per_layer: Optional[int] = None
+    """If set, the KL loss uses this many random positions per batch (all layers share them)."""
+    kl_chunk: int = 1024
+    """Rows of full-vocabulary logits computed at a time by the streaming KL."""
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"
+    """``sgd`` (SGD with Nesterov momentum, tuned-lens scripts/ingredients.py) or ``adam``."""
+    lr_scale: float = 1.0
+    """Learning rate is ``lr_scale * (1 - momentum)`` for SGD (tuned-lens ingredients.py)."""
+    momentum: float = 0.9
+    """SGD Nesterov momentum (tuned-lens ingredients.py)."""
+    weight_decay: float = 1e-3
+    """L2 weight decay (tuned-lens ingredients.py)."""
+    warmup_steps: int = 0
+    """Linear warmup steps; tuned-lens uses 0 for SGD (ingredients.py create_scheduler)."""
+    num_steps: int = 250
+    """Optimizer steps; the learning rate decays linearly to 0 over them (tuned-lens train_loop.py)."""
+    grad_clip: float = 1.0
+    """Gradient norm clip (tuned-lens train_loop.py)."""
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    """Lightning accelerator: ``auto``, ``cpu``, ``gpu``."""
+    devices: Any = 1
+    """Devices (or processes on CPU) per node."""
+    strategy: str = "auto"
+    """Lightning strategy: ``auto``, ``ddp``, ``fsdp``..."""
+    precision: str = "auto"
+    """``auto`` picks ``bf16-mixed`` on a GPU that supports it, else ``32-true``."""
+    accumulate_grad_batches: int = 1
+    """Batches per optimizer step (tuned-lens reaches 2**18 tokens per step this way)."""
+    log_every_n_steps: int = 1
+    """TensorBoard logging interval."""
+    val_every_n_steps: int = 50
+    """Held-out KL is computed every this many optimizer steps and at the end."""
+    progress_bar: bool = True
+    """Show Lightning's progress bar."""
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    """Evaluate tuned vs logit lens on held-out text after training."""
+    sequences: int = 8
+    """Held-out sequences evaluated."""
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "smollm2-135m"
+    """Folder name under ``output_dir`` for this run's files."""
+    output_dir: str = "checkpoints"
+    """Where run folders are written."""
+    seed: int = 42
+    """Seeds Python, NumPy and torch (tuned-lens default)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lens: LensConfig = field(default_factory=LensConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def load_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Merge ``schema`` defaults <- YAML file <- dotlist overrides, checked against ``schema``."""
+    base = OmegaConf.structured(schema)
+    layers = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file {path} does not exist (see configs/ for examples)")
+        layers.append(OmegaConf.load(path))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        layers.append(OmegaConf.from_dotlist(overrides))
+    try:
+        merged = OmegaConf.merge(base, *layers)
+    except ConfigKeyError as err:
+        raise ConfigError(
+            f"unknown config key {err.full_key!r}; valid keys there: {_valid_keys(schema, err.full_key)}"
+        ) from err
+    except ValidationError as err:
+        raise ConfigError(f"bad value for {err.full_key!r}: {err.msg}") from err
+    return OmegaConf.to_object(merged)
+
+
+def _valid_keys(schema: type, full_key: str | None) -> list[str]:
+    node = OmegaConf.structured(schema)
+    for part in (full_key or "").split(".")[:-1]:
+        if part not in node:
+            break
+        node = node[part]
+    return sorted(node.keys()) if OmegaConf.is_dict(node) else []
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]

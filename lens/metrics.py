@@ -1,0 +1,134 @@
+"""Per-token statistics of lens predictions, shared by training, evaluation and plots.
+
+The unembedding is the expensive part (``d -> V`` for every layer and token), so everything
+here works on chunks of rows and never holds ``[layers, tokens, vocab]`` at once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lens.translators import Lens, Unembed
+
+DEFAULT_CHUNK = 1024
+"""Rows of ``[rows, vocab]`` logits materialised at a time."""
+
+
+class StreamingKL(torch.autograd.Function):
+    """Sum over rows of KL(teacher || softmax(x @ W.T + bias)), with the gradient computed in forward.
+
+    d KL / d logits = softmax(student) - teacher, so ``grad_x = (q - p) @ W`` falls out of the
+    forward pass chunk by chunk; backward only rescales it. Peak memory is one ``[chunk, V]``
+    block instead of ``[rows, V]`` kept alive for autograd.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,  # [N, d] normed hidden states (student)
+        weight: torch.Tensor,  # [V, d] unembedding, frozen
+        bias: torch.Tensor | None,  # [V]
+        teacher_logp: torch.Tensor,  # [M, V] log-probs; row i of x uses teacher row i % M
+        chunk: int,
+    ) -> torch.Tensor:
+        total = x.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        n_teacher = teacher_logp.shape[0]
+        for start in range(0, x.shape[0], chunk):
+            rows = torch.arange(start, min(start + chunk, x.shape[0]), device=x.device)
+            logits = F.linear(x[rows], weight, bias).float()  # [c, V]
+            log_q = logits.log_softmax(-1)
+            log_p = teacher_logp[rows % n_teacher].float()
+            p = log_p.exp()
+            total += (p * (log_p - log_q)).sum()
+            if grad is not None:
+                grad[rows] = ((log_q.exp() - p).to(weight.dtype) @ weight).to(x.dtype)
+        ctx.save_for_backward(grad if grad is not None else x.new_empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        grad_x = grad * grad_out.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+
+def lens_kl_loss(
+    lens: Lens,
+    unembed: Unembed,
+    residuals: torch.Tensor,  # [L+1, N, d]
+    teacher_logp: torch.Tensor,  # [N, V]
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Per-layer mean KL(final || lens) for layers ``0..L-1``, shape ``[L]``; one backward serves all."""
+    n_layers, n_tokens = residuals.shape[0] - 1, residuals.shape[1]
+    translated = lens.translate(residuals)[:-1]  # [L, N, d]
+    normed = unembed.final_norm(translated).reshape(n_layers * n_tokens, -1)
+    w, b = unembed.unembed.weight, unembed.unembed.bias
+    per_layer = [
+        StreamingKL.apply(normed[i * n_tokens : (i + 1) * n_tokens], w, b, teacher_logp, chunk)
+        for i in range(n_layers)
+    ]
+    return torch.stack(per_layer) / n_tokens
+
+
+def lens_kl_loss_reference(
+    lens: Lens, unembed: Unembed, residuals: torch.Tensor, teacher_logp: torch.Tensor
+) -> torch.Tensor:
+    """The straightforward computation (full logits per layer) the streaming path must match."""
+    losses = []
+    for layer in range(residuals.shape[0] - 1):
+        log_q = unembed(lens.translate_layer(residuals[layer], layer)).float().log_softmax(-1)
+        losses.append(F.kl_div(log_q, teacher_logp.float(), log_target=True, reduction="batchmean"))
+    return torch.stack(losses)
+
+
+@torch.no_grad()
+def lens_token_stats(
+    lens: Lens,
+    unembed: Unembed,
+    residuals: torch.Tensor,  # [L+1, N, d]
+    final_logits: torch.Tensor,  # [N, V]
+    targets: torch.Tensor | None = None,  # [N] next-token ids, -100 where there is none
+    top_k: int = 1,
+    chunk: int = DEFAULT_CHUNK,
+) -> dict[str, torch.Tensor]:
+    """Per layer x token: CE vs next token, KL to the final layer, entropy, top-k ids and probs.
+
+    All arrays are ``[L+1, N]`` (top-k: ``[L+1, N, k]``), in nats.
+    """
+    n_rows, n_tokens = residuals.shape[0], residuals.shape[1]
+    out: dict[str, torch.Tensor] = {
+        name: torch.empty(n_rows, n_tokens) for name in ("kl", "entropy", "ce", "target_rank")
+    }
+    out["top_ids"] = torch.empty(n_rows, n_tokens, top_k, dtype=torch.long)
+    out["top_probs"] = torch.empty(n_rows, n_tokens, top_k)
+    for start in range(0, n_tokens, chunk):
+        sl = slice(start, start + chunk)
+        log_p = final_logits[sl].float().log_softmax(-1)  # [c, V]
+        tgt = targets[sl] if targets is not None else None
+        for layer in range(n_rows):
+            h = lens.translate_layer(residuals[layer, sl], layer)
+            log_q = unembed(h).float().log_softmax(-1)  # [c, V]
+            q = log_q.exp()
+            out["kl"][layer, sl] = (log_p.exp() * (log_p - log_q)).sum(-1)
+            out["entropy"][layer, sl] = -(q * log_q).sum(-1)
+            probs, ids = q.topk(top_k, dim=-1)
+            out["top_ids"][layer, sl], out["top_probs"][layer, sl] = ids, probs
+            if tgt is not None:
+                valid = tgt >= 0
+                safe = tgt.clamp(min=0)
+                tgt_logq = log_q.gather(-1, safe[:, None])[:, 0]
+                out["ce"][layer, sl] = torch.where(valid, -tgt_logq, torch.nan)
+                rank = (log_q > tgt_logq[:, None]).sum(-1).float()
+                out["target_rank"][layer, sl] = torch.where(valid, rank, torch.nan)
+    if targets is None:
+        del out["ce"], out["target_rank"]
+    return out
+
+
+def nats_to_bits(x: torch.Tensor | float) -> torch.Tensor | float:
+    return x / math.log(2)

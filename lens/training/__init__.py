@@ -1,0 +1,1 @@
+"""The Lightning layer: the only part of the package that imports Lightning."""

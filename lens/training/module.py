@@ -1,0 +1,106 @@
+"""LightningModules that train small translators against a frozen base model.
+
+``FrozenModelModule`` owns what every such run shares: the frozen model (kept out of the module
+tree, so it is never checkpointed, wrapped by DDP or touched by the optimizer), the optimizer and
+schedule of the published tuned-lens recipe, and per-part logging. Subclasses say what the
+per-part losses are.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from lens.config import LensConfig, OptimConfig
+from lens.metrics import lens_kl_loss
+from lens.residuals import capture_residuals
+from lens.translators import TunedLens, Unembed
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        lr = cfg.lr_scale * (1 - cfg.momentum)  # tuned-lens: undo SGD's 1/(1-momentum) gain
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.AdamW(params, lr=cfg.lr_scale * 1e-3, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optim.optimizer must be 'sgd' or 'adam', got {cfg.optimizer!r}")
+
+
+def warmup_then_linear_decay(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class FrozenModelModule(L.LightningModule):
+    part_name = "part"
+
+    def __init__(self, model: PreTrainedModel, trainable: nn.Module, optim: OptimConfig) -> None:
+        super().__init__()
+        self.trainable = trainable
+        self.optim_cfg = optim
+        self._frozen: dict[str, nn.Module] = {"model": model, "unembed": Unembed(model)}
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        return self._frozen["model"]  # type: ignore[return-value]
+
+    @property
+    def unembed(self) -> Unembed:
+        return self._frozen["unembed"]  # type: ignore[return-value]
+
+    def on_fit_start(self) -> None:
+        self.base_model.to(self.device)
+
+    def part_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-part mean losses ``[K]``; the training loss is their sum."""
+        raise NotImplementedError
+
+    def _log_parts(self, stage: str, losses: torch.Tensor) -> None:
+        on_step = stage == "train"
+        self.log(f"{stage}/loss_mean", losses.mean(), prog_bar=True, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+        for i, value in enumerate(losses.detach()):
+            self.log(f"{stage}/{self.part_name}_{i:02d}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.part_losses(batch[0])
+        self._log_parts("train", losses)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        return losses.sum()
+
+    def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        self._log_parts("val", self.part_losses(batch[0]))
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        opt = make_optimizer(self.trainable.parameters(), cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: warmup_then_linear_decay(step, cfg.warmup_steps, cfg.num_steps)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class TunedLensModule(FrozenModelModule):
+    """Trains a tuned lens: loss = sum over layers of KL(final distribution || lens distribution)."""
+
+    part_name = "kl_layer"
+
+    def __init__(self, model: PreTrainedModel, lens: TunedLens, lens_cfg: LensConfig, optim: OptimConfig) -> None:
+        super().__init__(model, lens, optim)
+        self.lens_cfg = lens_cfg
+
+    @property
+    def lens(self) -> TunedLens:
+        return self.trainable  # type: ignore[return-value]
+
+    def part_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
+        residuals, logits = capture_residuals(self.base_model, input_ids)  # [L+1, B, T, d], [B, T, V]
+        residuals = residuals.flatten(1, 2)  # [L+1, N, d]
+        teacher_logp = logits.flatten(0, 1).float().log_softmax(-1)  # [N, V]
+        k = self.lens_cfg.positions_per_layer
+        if k is not None and k < residuals.shape[1]:
+            keep = torch.randperm(residuals.shape[1], device=residuals.device)[:k]
+            residuals, teacher_logp = residuals[:, keep], teacher_logp[keep]
+        return lens_kl_loss(self.lens, self.unembed, residuals, teacher_logp, self.lens_cfg.kl_chunk)
