@@ -1,0 +1,87 @@
+"""Tiny random models of each family and a tiny byte-level tokenizer, all built offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+)
+
+from lens.model import prepare_model, prepare_tokenizer
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A lens reads the residual stream of a model. "
+    "Packages are installed with apt and removed with apt purge. The server starts at boot time. "
+    "Love and hate, anger and calm: a steering vector adds one to the other. "
+) * 20
+
+D_MODEL, N_LAYERS, VOCAB = 32, 3, 300
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return prepare_tokenizer(fast)
+
+
+def make_model(family: str, n_layers: int = N_LAYERS, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
+    if family == "gpt2":
+        config = GPT2Config(n_layer=n_layers, n_embd=D_MODEL, n_head=4, n_positions=128, **common)
+    elif family == "gpt_neox":
+        config = GPTNeoXConfig(
+            num_hidden_layers=n_layers, hidden_size=D_MODEL, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=128, **common,
+        )
+    elif family == "llama":
+        config = LlamaConfig(
+            num_hidden_layers=n_layers, hidden_size=D_MODEL, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, max_position_embeddings=128, **common,
+        )
+    else:
+        raise ValueError(family)
+    config.initializer_range = 0.3  # the default 0.02 gives near-uniform outputs at this width
+    return prepare_model(AutoModelForCausalLM.from_config(config))
+
+
+FAMILIES = ["gpt2", "gpt_neox", "llama"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(family):
+    return make_model(family)
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    import json
+
+    sentences = TEXT.split(". ")
+    with path.open("w") as f:
+        for i in range(60):
+            f.write(json.dumps({"text": ". ".join(sentences[i % 7 : i % 7 + 5])}) + "\n")
+    return path
