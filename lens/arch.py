@@ -20,7 +20,8 @@ class ArchSpec:
     final_norm: str
     """The norm applied to the last block's output before the unembedding."""
     unembed: str
-    """The linear map from the hidden size to the vocabulary."""
+    """The linear map from the hidden size to the vocabulary; ``a|b`` lists names used by
+    different transformers versions, first match wins."""
 
 
 _LLAMA_LIKE = ArchSpec(blocks="model.layers", final_norm="model.norm", unembed="lm_head")
@@ -28,7 +29,7 @@ _LLAMA_LIKE = ArchSpec(blocks="model.layers", final_norm="model.norm", unembed="
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head"),
     "gpt_neox": ArchSpec(
-        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="embed_out"
+        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out"
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -41,8 +42,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def _get_path(root: nn.Module, path: str) -> nn.Module:
+    *alternatives, last = path.split("|")
+    for candidate in alternatives:
+        if hasattr(root, candidate):
+            return getattr(root, candidate)
     module = root
-    for part in path.split("."):
+    for part in last.split("."):
         module = getattr(module, part)
     return module
 
