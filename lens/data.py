@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -22,23 +23,57 @@ from lens.corpus import prepare_default_corpus
 TEXT_SUFFIXES = {".txt", ".md"}
 JSON_SUFFIXES = {".json", ".jsonl"}
 
+log = logging.getLogger(__name__)
+
+
+def read_text(file: Path) -> str:
+    """A local file as UTF-8; bytes that are not UTF-8 become U+FFFD, with a warning naming the file."""
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        log.warning("%s is not valid UTF-8 (first bad byte at offset %d); undecodable bytes replaced by U+FFFD", file, err.start)
+        return raw.decode("utf-8", errors="replace")
+
 
 def _local_documents(path: Path, text_column: str) -> Iterator[str]:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         if file.suffix in TEXT_SUFFIXES:
-            yield file.read_text(encoding="utf-8", errors="replace")
+            yield read_text(file)
         elif file.suffix in JSON_SUFFIXES:
             yield from _json_documents(file, text_column)
 
 
+def _json_rows(file: Path) -> list:
+    text = read_text(file)
+    if file.suffix == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        return rows if isinstance(rows, list) else [rows]
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{file} line {number} is not valid JSON: {err}") from err
+    return rows
+
+
 def _json_documents(file: Path, text_column: str) -> Iterator[str]:
-    text = file.read_text(encoding="utf-8", errors="replace")
-    rows = json.loads(text) if file.suffix == ".json" else [json.loads(x) for x in text.splitlines() if x.strip()]
-    for i, row in enumerate(rows):
+    """The ``text_column`` of every row; a null there counts as an empty document."""
+    for i, row in enumerate(_json_rows(file)):
+        if not isinstance(row, dict):
+            raise ValueError(f"{file} row {i} is a {type(row).__name__}, not an object with a {text_column!r} field")
         if text_column not in row:
             raise KeyError(f"{file} row {i} has no column {text_column!r} (columns: {sorted(row)}); set data.text_column")
-        yield row[text_column]
+        text = row[text_column]
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{file} row {i}: column {text_column!r} holds a {type(text).__name__}, not text")
+        yield text or ""
 
 
 def iter_documents(cfg: DataConfig) -> Iterable[str]:
@@ -69,17 +104,31 @@ def pack_sequences(
     held_out: bool,
     eval_percent: float,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``[seq_len]`` token sequences from the train (or held-out) documents."""
+    """Yield ``[seq_len]`` token sequences from the train (or held-out) documents.
+
+    Empty documents (blank lines of wikitext, null rows) are skipped; how many is logged once the
+    pass ends, so a corpus that is mostly empty does not go unnoticed.
+    """
     eos = tokenizer.eos_token_id
     buffer: list[int] = []
-    for index, text in enumerate(documents):
-        if is_held_out(index, eval_percent) != held_out or not text.strip():
-            continue
-        buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        buffer.append(eos)
-        while len(buffer) >= seq_len:
-            yield torch.tensor(buffer[:seq_len])
-            buffer = buffer[seq_len:]
+    used = skipped = 0
+    try:
+        for index, text in enumerate(documents):
+            if is_held_out(index, eval_percent) != held_out:
+                continue
+            if not text or not text.strip():
+                skipped += 1
+                continue
+            used += 1
+            buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            buffer.append(eos)
+            while len(buffer) >= seq_len:
+                yield torch.tensor(buffer[:seq_len])
+                buffer = buffer[seq_len:]
+    finally:
+        if skipped:
+            split = "held-out" if held_out else "training"
+            log.warning("skipped %d empty %s documents (%d used so far)", skipped, split, used)
 
 
 def token_sequences(

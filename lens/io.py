@@ -28,6 +28,9 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files only their owner can read
     try:
         yield Path(tmp)
         os.replace(tmp, final)
@@ -48,27 +51,25 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "lightning": lightning.__version__}
 
 
-def save_lens(lens: Lens, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``folder/lens.safetensors`` and ``folder/config.json``; returns the folder."""
-    folder = Path(folder)
-    if not isinstance(lens, TunedLens):
-        raise TypeError(f"only tuned lenses have weights to save, got {type(lens).__name__}")
-    tensors = {"weight": lens.weight.detach().float().cpu().contiguous(), "bias": lens.bias.detach().float().cpu().contiguous()}
+def save_tensors(folder: Path, weights_name: str, tensors: dict[str, torch.Tensor], config: dict[str, Any], what: str) -> Path:
+    """Write ``tensors`` as safetensors and ``config`` as JSON into ``folder``, both atomically;
+    refuse NaN/inf so a broken run never leaves a usable-looking file behind."""
+    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
     for name, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
-            raise ValueError(f"refusing to save a lens whose {name} holds NaN or inf")
-    config = {
-        "format_version": FORMAT_VERSION,
-        "lens_type": lens.kind,
-        "num_layers": lens.n_layers,
-        "hidden_size": lens.d_model,
-        **(metadata or {}),
-        "versions": versions(),
-    }
-    with atomic_path(folder / WEIGHTS) as tmp:
+            raise ValueError(f"refusing to save a {what} whose {name} holds NaN or inf")
+    with atomic_path(folder / weights_name) as tmp:
         save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-    write_json(config, folder / CONFIG)
+    write_json({"format_version": FORMAT_VERSION, **config, "versions": versions()}, folder / CONFIG)
     return folder
+
+
+def save_lens(lens: Lens, folder: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/lens.safetensors`` and ``folder/config.json``; returns the folder."""
+    if not isinstance(lens, TunedLens):
+        raise TypeError(f"only tuned lenses have weights to save, got {type(lens).__name__}")
+    config = {"lens_type": lens.kind, "num_layers": lens.n_layers, "hidden_size": lens.d_model, **(metadata or {})}
+    return save_tensors(Path(folder), WEIGHTS, {"weight": lens.weight, "bias": lens.bias}, config, "lens")
 
 
 def read_lens_config(folder: str | Path) -> dict[str, Any]:

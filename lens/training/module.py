@@ -8,14 +8,18 @@ per-part losses are.
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
 
 from lens.config import LensConfig, OptimConfig
 from lens.metrics import lens_kl_loss
 from lens.residuals import capture_residuals
+from lens.training.guards import check_mode, nonfinite_parts, should_skip
 from lens.translators import TunedLens, Unembed
 
 
@@ -37,11 +41,16 @@ def warmup_then_linear_decay(step: int, warmup: int, total: int) -> float:
 class FrozenModelModule(L.LightningModule):
     part_name = "part"
 
-    def __init__(self, model: PreTrainedModel, trainable: nn.Module, optim: OptimConfig) -> None:
+    def __init__(
+        self, model: PreTrainedModel, trainable: nn.Module, optim: OptimConfig, on_nonfinite: str = "stop"
+    ) -> None:
         super().__init__()
         self.trainable = trainable
         self.optim_cfg = optim
+        self.on_nonfinite = check_mode(on_nonfinite)
         self._frozen: dict[str, nn.Module] = {"model": model, "unembed": Unembed(model)}
+        self._batch_started = 0.0
+        self.skipped_steps = 0
 
     @property
     def base_model(self) -> PreTrainedModel:
@@ -64,14 +73,39 @@ class FrozenModelModule(L.LightningModule):
         for i, value in enumerate(losses.detach()):
             self.log(f"{stage}/{self.part_name}_{i:02d}", value, on_step=on_step, on_epoch=not on_step, sync_dist=not on_step)
 
-    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _any_process_nonfinite(self, losses: torch.Tensor) -> bool:
+        flag = torch.tensor(float(bool(nonfinite_parts(losses))), device=losses.device)
+        return bool(self.trainer.strategy.reduce(flag, reduce_op="sum") > 0)
+
+    def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         losses = self.part_losses(batch[0])
+        if should_skip(losses, self._any_process_nonfinite(losses), self.part_name, self.global_step, self.on_nonfinite):
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+            return None  # Lightning then skips backward and the optimizer update
         self._log_parts("train", losses)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
         return losses.sum()
 
+    def on_train_batch_start(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: object, batch: tuple[torch.Tensor], batch_idx: int) -> None:
+        """Tokens per second over all processes, forward + backward + optimizer included."""
+        seconds = time.perf_counter() - self._batch_started
+        self.log("train/tokens_per_s", batch[0].numel() * self.trainer.world_size / seconds, on_step=True)
+
     def validation_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> None:
         self._log_parts("val", self.part_losses(batch[0]))
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Under FSDP the gradients are sharded: only the wrapper can take their global norm."""
+        if gradient_clip_val and isinstance(self.trainer.model, FullyShardedDataParallel):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
@@ -87,8 +121,10 @@ class TunedLensModule(FrozenModelModule):
 
     part_name = "kl_layer"
 
-    def __init__(self, model: PreTrainedModel, lens: TunedLens, lens_cfg: LensConfig, optim: OptimConfig) -> None:
-        super().__init__(model, lens, optim)
+    def __init__(
+        self, model: PreTrainedModel, lens: TunedLens, lens_cfg: LensConfig, optim: OptimConfig, on_nonfinite: str = "stop"
+    ) -> None:
+        super().__init__(model, lens, optim, on_nonfinite)
         self.lens_cfg = lens_cfg
 
     @property
