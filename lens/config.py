@@ -100,6 +100,10 @@ class TrainerConfig:
     """Held-out KL is computed every this many optimizer steps and at the end."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
+    checkpoint_every_n_steps: int = 50
+    """Write ``<run>/resume/last.ckpt`` (translators, optimizer, data position, RNG) this often; 0: never."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf training loss ``stop``s the run (naming layer and step) or ``skip``s that optimizer step."""
 
 
 @dataclass
@@ -124,6 +128,78 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    resume: bool = False
+    """Continue from ``<run>/resume/last.ckpt`` when it exists (``train.py --resume PATH`` names another)."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+@dataclass
+class SpanConfig:
+    start: int = 10
+    """The translator reads the residual after ``start`` blocks..."""
+    end: int = 12
+    """...and stands in for blocks ``start..end-1``, predicting the residual after ``end`` blocks."""
+    loss: str = "kl"
+    """``kl``: KL(intact model's final distribution || model with the span replaced); ``mse``: squared
+    error to the true residual after ``end`` blocks."""
+    init: str = "zero"
+    """``zero`` (start as plain skipping) or ``lstsq`` (ridge regression onto the true residual first)."""
+    lstsq_sequences: int = 32
+    """Training sequences used by the ``lstsq`` start."""
+    ridge: float = 1e-3
+    """Ridge penalty of the ``lstsq`` start, relative to the mean Gram diagonal."""
+
+
+def _translator_optim() -> OptimConfig:
+    # Adam: one d x d map behind a frozen model tolerates it better than the lens recipe's SGD
+    return OptimConfig(optimizer="adam", lr_scale=1.0, weight_decay=0.0, num_steps=40)
+
+
+@dataclass
+class TranslatorTrainConfig:
+    """``python train.py --config configs/translator_<name>.yaml`` (YAML top-level ``kind: translator``)."""
+
+    kind: str = "translator"
+    """Which run ``train.py`` starts: ``translator`` here; YAMLs without ``kind`` train a lens."""
+    run_name: str = "translator-smollm2-135m"
+    output_dir: str = "checkpoints"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    span: SpanConfig = field(default_factory=SpanConfig)
+    optim: OptimConfig = field(default_factory=_translator_optim)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+@dataclass
+class SkipSweepConfig:
+    """``python -m lens.skip_sweep --config configs/<name>.yaml`` (YAML top-level ``kind: skip_sweep``)."""
+
+    kind: str = "skip_sweep"
+    run_name: str = "skip-sweep-smollm2-135m"
+    output_dir: str = "checkpoints"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    span_lengths: list[int] = field(default_factory=lambda: [1])
+    """Every span ``i..i+n`` for each length ``n`` listed."""
+    translators: str = "lstsq"
+    """Per span: ``none``, ``lstsq`` (closed-form best linear guess of the residual, cheap) or ``kl``
+    (lstsq start, then ``optim.num_steps`` KL steps with Lightning; slow on a CPU)."""
+    lstsq_sequences: int = 16
+    ridge: float = 1e-3
+    sequences: int = 8
+    """Held-out sequences every span is scored on."""
+    optim: OptimConfig = field(default_factory=_translator_optim)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,301 @@
+"""Activation steering: add an offset to the residual stream entering one block.
+
+Two ways to build the offset: ActAdd (Turner et al. 2023), the difference of the residuals of a
+prompt pair, added position by position to the first ``k`` tokens; and a steering vector, one
+``[d]`` direction from contrast sets, added at every position from ``min_token_index`` on.
+
+Offsets are keyed on *absolute* token positions (the ``position_ids`` every block receives), so
+a cached decode step at position ``p`` gets exactly what a full re-run gives position ``p``: for
+ActAdd nothing once ``p >= k``, i.e. decode steps are not steered again. The offset is added to
+the residual after ``layer`` blocks (valid layers ``0..n_layers``): a pre-hook on block 0 for
+layer 0, else a hook on the output of block ``layer-1``, placed before any other hook so that
+``record_residuals`` sees the steered residual at index ``layer``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lens.arch import get_blocks
+from lens.interventions.base import Intervention, check_coefficient, check_injection_layer, n_layers
+from lens.io import atomic_path
+from lens.model import model_id
+from lens.residuals import block_hidden, block_input, capture_residuals
+
+STEERING_FORMAT_VERSION = 1
+
+
+class ResidualAdd(Intervention):
+    """Add ``rows[p - start]`` to the residual after ``layer`` blocks at positions
+    ``start <= p < start + k``, and ``tail`` at positions after them.
+
+    ``rows``: ``[k, d]`` (``k`` may be 0); ``tail``: ``[d]`` or None (nothing after the rows).
+    """
+
+    def __init__(
+        self, model: nn.Module, layer: int, rows: torch.Tensor | None = None, tail: torch.Tensor | None = None, start: int = 0
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.layer = check_injection_layer(model, layer)
+        self.rows, self.tail, self.start = rows, tail, start
+
+    def offsets(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(rows [k, d], tail [d] or None)``; subclasses that need a model run compute them here."""
+        d = self.model.config.hidden_size
+        return (self.rows if self.rows is not None else torch.zeros(0, d)), self.tail
+
+    def apply(self) -> None:
+        rows, tail = self.offsets()
+        k, d = rows.shape
+        zero = rows.new_zeros(1, d)
+        # row 0: before start (nothing); rows 1..k: the steering rows; row k+1: after them
+        table = torch.cat([zero, rows, zero if tail is None else tail.to(rows)[None]])  # [k+2, d]
+        start = self.start
+
+        def shifted(hidden: torch.Tensor, positions: torch.Tensor | None, module: nn.Module) -> torch.Tensor:
+            if positions is None:  # [B or 1, T]
+                raise RuntimeError(
+                    f"{type(module).__name__} was called without position_ids; steering needs absolute "
+                    "positions to stay consistent between cached and uncached generation"
+                )
+            index = (positions.to(hidden.device) - start + 1).clamp(0, k + 1)  # [B or 1, T]
+            return hidden + table.to(device=hidden.device, dtype=hidden.dtype)[index]  # [B, T, d]
+
+        def before_first(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = shifted(block_input(args, kwargs), kwargs.get("position_ids"), module)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        def after(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+            hidden = shifted(block_hidden(output), kwargs.get("position_ids"), module)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        # prepend: other hooks (record_residuals) then see the steered residual at index `layer`
+        blocks = get_blocks(self.model)
+        if self.layer == 0:
+            handle = blocks[0].register_forward_pre_hook(before_first, with_kwargs=True, prepend=True)
+        else:
+            handle = blocks[self.layer - 1].register_forward_hook(after, with_kwargs=True, prepend=True)
+        self.on_exit(handle.remove)
+
+
+def space_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """ActAdd pads the shorter prompt with a space token, or the pad token if a space is not one token."""
+    space = tokenizer.encode(" ", add_special_tokens=False)
+    if len(space) == 1:
+        return space[0]
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has neither a single-token space nor a pad token to pad prompts with")
+    return tokenizer.pad_token_id
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, add_special_tokens: bool = True) -> list[int]:
+    """Tokenize like the steered text (same BOS handling); reject prompts with no real token."""
+    if not isinstance(prompt, str) or prompt == "":
+        raise ValueError(f"empty prompt {prompt!r}: every steering prompt needs at least one character of text")
+    ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    if not any(i not in special for i in ids):
+        raise ValueError(f"prompt {prompt!r} tokenizes to nothing but special tokens ({ids}); give real text")
+    return ids
+
+
+@torch.no_grad()
+def actadd_tensor(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    layer: int,
+    coefficient: float,
+    add_special_tokens: bool = True,
+) -> torch.Tensor:
+    """Sum over pairs of ``coefficient * (h_plus - h_minus)`` at ``layer``: ``[k, d]``, k = longest prompt."""
+    check_injection_layer(model, layer)
+    coefficient = check_coefficient(coefficient)
+    pad = space_token_id(tokenizer)
+    diffs = []
+    for plus, minus in pairs:
+        ids = [prompt_ids(tokenizer, p, add_special_tokens) for p in (plus, minus)]
+        length = max(map(len, ids))
+        batch = torch.tensor([seq + [pad] * (length - len(seq)) for seq in ids], device=model.device)  # [2, k]
+        residuals, _ = capture_residuals(model, batch)  # [L+1, 2, k, d]
+        h = residuals[layer].float()  # [2, k, d]
+        diffs.append(coefficient * (h[0] - h[1]))  # [k, d]
+    k = max(diff.shape[0] for diff in diffs)
+    total = diffs[0].new_zeros(k, diffs[0].shape[1])
+    for diff in diffs:
+        total[: diff.shape[0]] += diff
+    return total  # [k, d]
+
+
+class ActAdd(ResidualAdd):
+    """Prompt-pair steering; the steering tensor is computed on entry (``self.steering``: ``[k, d]``)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        pairs: Sequence[tuple[str, str]],
+        layer: int,
+        coefficient: float = 1.0,
+        add_special_tokens: bool = True,
+    ) -> None:
+        super().__init__(model, layer)
+        self.coefficient = check_coefficient(coefficient)
+        if not pairs:
+            raise ValueError("ActAdd needs at least one (plus, minus) prompt pair")
+        for pair in pairs:
+            if len(pair) != 2:
+                raise ValueError(f"each ActAdd pair is (plus_prompt, minus_prompt), got {pair!r}")
+            for prompt in pair:
+                prompt_ids(tokenizer, prompt, add_special_tokens)  # fail now, before anything is hooked
+        self.tokenizer, self.pairs, self.add_special_tokens = tokenizer, list(pairs), add_special_tokens
+        self.steering: torch.Tensor | None = None
+
+    def offsets(self) -> tuple[torch.Tensor, None]:
+        self.steering = actadd_tensor(
+            self.model, self.tokenizer, self.pairs, self.layer, self.coefficient, self.add_special_tokens
+        )
+        return self.steering, None
+
+
+@dataclass
+class SteeringVector:
+    """A ``[d]`` direction added, times ``coefficient``, at every position ``>= min_token_index``."""
+
+    vector: torch.Tensor  # [d]
+    layer: int
+    coefficient: float = 1.0
+    min_token_index: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """How it was built: model id, block count, method, prompts. Checked against the model applied to."""
+
+    def check_fits(self, model: PreTrainedModel) -> None:
+        """Raise naming both sides when this vector was made for a model of another shape or name."""
+        d = model.config.hidden_size
+        if self.vector.ndim != 1 or self.vector.shape[0] != d:
+            raise ValueError(
+                f"steering vector has shape {tuple(self.vector.shape)}, but {type(model).__name__} "
+                f"needs a vector of width {d} (its hidden size)"
+            )
+        built_for = self.metadata.get("model_id")
+        if built_for is not None and built_for != model_id(model):
+            raise ValueError(f"steering vector was built for model {built_for!r}, not {model_id(model)!r}")
+        built_layers = self.metadata.get("n_layers")
+        if built_layers is not None and built_layers != n_layers(model):
+            raise ValueError(f"steering vector was built for a {built_layers}-block model, this one has {n_layers(model)}")
+        check_injection_layer(model, self.layer)
+        if self.min_token_index < 0:
+            raise ValueError(f"min_token_index {self.min_token_index} must be >= 0 (an absolute token position)")
+        if not torch.isfinite(self.vector).all():
+            raise ValueError("steering vector holds NaN or inf")
+        check_coefficient(self.coefficient)
+
+    def applied(self, model: PreTrainedModel) -> ResidualAdd:
+        self.check_fits(model)
+        tail = self.coefficient * self.vector.float()
+        return ResidualAdd(model, self.layer, tail=tail, start=self.min_token_index)
+
+    @classmethod
+    @torch.no_grad()
+    def from_contrast(
+        cls,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        positives: Sequence[str],
+        negatives: Sequence[str],
+        layer: int,
+        token_index: int = -1,
+        method: str = "mean",
+        add_special_tokens: bool = True,
+    ) -> "SteeringVector":
+        """Mean difference of positive and negative residuals at ``token_index`` (``mean``), or the
+        first principal component of the paired differences (``pca``), scaled to the mean
+        difference's projection onto it so sign and size are comparable to ``mean``."""
+        check_injection_layer(model, layer)
+        if not positives or not negatives:
+            raise ValueError(f"contrast sets must be non-empty, got {len(positives)} positives, {len(negatives)} negatives")
+
+        def read(prompt: str) -> torch.Tensor:  # [d]
+            ids = prompt_ids(tokenizer, prompt, add_special_tokens)
+            if not -len(ids) <= token_index < len(ids):
+                raise ValueError(
+                    f"token_index {token_index} out of range for prompt {prompt!r} ({len(ids)} tokens): "
+                    f"valid {-len(ids)}..{len(ids) - 1}"
+                )
+            residuals, _ = capture_residuals(model, torch.tensor([ids], device=model.device))
+            return residuals[layer, 0, token_index].float().cpu()
+
+        pos = torch.stack([read(p) for p in positives])  # [P, d]
+        neg = torch.stack([read(p) for p in negatives])  # [N, d]
+        if method == "mean":
+            vector = pos.mean(0) - neg.mean(0)
+        elif method == "pca":
+            if len(pos) != len(neg) or len(pos) < 2:
+                raise ValueError(
+                    f"method 'pca' pairs positives with negatives: needs equal counts of at least 2, "
+                    f"got {len(pos)} and {len(neg)}"
+                )
+            diffs = pos - neg  # [P, d]
+            _, _, vh = torch.linalg.svd(diffs - diffs.mean(0), full_matrices=False)
+            pc = vh[0]  # [d], unit norm
+            vector = pc * (diffs.mean(0) @ pc)
+        else:
+            raise ValueError(f"method must be 'mean' or 'pca', got {method!r}")
+        metadata = {
+            "model_id": model_id(model),
+            "n_layers": n_layers(model),
+            "method": method,
+            "token_index": token_index,
+            "positives": list(positives),
+            "negatives": list(negatives),
+        }
+        return cls(vector, layer, metadata=metadata)
+
+    def save(self, path: str | Path) -> Path:
+        """One ``.safetensors`` file; the JSON metadata lives in its header."""
+        path = Path(path)
+        header = {
+            **self.metadata,
+            "format_version": STEERING_FORMAT_VERSION,
+            "hidden_size": int(self.vector.shape[0]),
+            "layer": self.layer,
+            "coefficient": self.coefficient,
+            "min_token_index": self.min_token_index,
+        }
+        with atomic_path(path) as tmp:
+            save_file({"vector": self.vector.detach().float().cpu().contiguous()}, str(tmp), metadata={"steering": json.dumps(header)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: PreTrainedModel | None = None) -> "SteeringVector":
+        """Read a saved vector; with ``model``, check it fits (width, model id, block count, layer)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"steering vector file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {})["steering"])
+                vector = f.get_tensor("vector")
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a steering vector file written by SteeringVector.save ({err})") from err
+        if header.get("hidden_size") != vector.shape[0]:
+            raise ValueError(f"{path}: vector width {vector.shape[0]} disagrees with its header ({header.get('hidden_size')})")
+        layer, coefficient, start = header.pop("layer"), header.pop("coefficient"), header.pop("min_token_index")
+        for key in ("format_version", "hidden_size"):
+            header.pop(key, None)
+        steering = cls(vector, layer, coefficient, start, header)
+        if model is not None:
+            steering.check_fits(model)
+        return steering
