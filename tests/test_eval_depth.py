@@ -1,0 +1,105 @@
+"""Evaluation in depth: bits per byte, agreement, depth histogram, transfer matrix, streaming."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TEXT, make_model
+
+from lens.evaluate import evaluate_lenses
+from lens.eval_depth import evaluate_depth
+from lens.io import logit_lens_for, save_lens
+from lens.residuals import capture_residuals
+from lens.translators import TunedLens, Unembed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup(tokenizer):
+    model = make_model("gpt_neox")
+    torch.manual_seed(5)
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.weight.normal_(0, 0.1)
+        lens.bias.normal_(0, 0.3)
+    ids = torch.tensor(tokenizer(TEXT)["input_ids"][: 5 * 12]).reshape(5, 12)  # [n, T]
+    return model, lens, ids
+
+
+def test_depth_metrics_match_direct_computation(setup, tokenizer):
+    model, lens, seqs = setup
+    lenses = {"tuned": lens, "logit": logit_lens_for(model)}
+    got = evaluate_depth(model, tokenizer, lenses, iter(list(seqs)), batch_size=2, transfer_tokens=15, progress=False)
+    unembed = Unembed(model)
+    residuals, logits = capture_residuals(model, seqs)  # [L+1, n, T, d], [n, T, V]
+    h = residuals[:, :, :-1].flatten(1, 2)  # [L+1, N, d]: every position that has a next token
+    targets = seqs[:, 1:].flatten()  # [N]
+    final_top = logits[:, :-1].flatten(0, 1).argmax(-1)
+    n_bytes = sum(len(tokenizer.decode(s[1:], skip_special_tokens=True).encode()) for s in seqs)
+    assert got["tokens"] == len(targets) and got["bytes"] == n_bytes
+    res = got["lenses"]["tuned"]
+    with torch.no_grad():
+        for layer in range(lens.n_layers + 1):
+            log_q = unembed(lens.translate_layer(h[layer], layer)).double().log_softmax(-1)
+            ce = -log_q.gather(-1, targets[:, None]).mean().item()
+            assert res["ce"][layer] == pytest.approx(ce, rel=1e-5)
+            assert res["ce_bpb"][layer] == pytest.approx(ce * len(targets) / n_bytes / math.log(2), rel=1e-5)
+            entropy = -(log_q.exp() * log_q).sum(-1).mean().item()
+            assert res["entropy"][layer] == pytest.approx(entropy, rel=1e-4)
+            agree = (log_q.argmax(-1) == final_top).double().mean().item()
+            assert res["agreement"][layer] == pytest.approx(agree)
+    assert res["agreement"][-1] == 1.0
+    assert sum(res["depth_histogram"]) == len(targets)
+    # the transfer matrix: translator i at layer j, on the first 15 scored tokens
+    t = got["transfer"]
+    assert t["layers"] == list(range(lens.n_layers)) and t["tokens"] == 15
+    first = h[:, :15]
+    with torch.no_grad():
+        for i, j in ((0, 0), (1, 2), (2, 0)):
+            log_q = unembed(lens.translate_layer(first[j], i)).double().log_softmax(-1)
+            assert t["ce"][i][j] == pytest.approx(-log_q.gather(-1, targets[:15, None]).mean().item(), rel=1e-5)
+    assert "transfer" not in evaluate_depth(model, tokenizer, {"logit": lenses["logit"]}, iter(list(seqs)), progress=False)
+
+
+def test_streaming_batches_and_foundation_agree(setup, tokenizer):
+    model, lens, seqs = setup
+    lenses = {"tuned": lens}
+    one = evaluate_depth(model, tokenizer, lenses, (s for s in seqs), batch_size=5, transfer_tokens=0, progress=False)
+    many = evaluate_depth(model, tokenizer, lenses, (s for s in seqs), batch_size=2, transfer_tokens=0, progress=False)
+    for metric in ("ce", "kl", "entropy", "agreement", "depth_histogram"):
+        assert one["lenses"]["tuned"][metric] == pytest.approx(many["lenses"]["tuned"][metric], rel=1e-6)
+    base = evaluate_lenses(model, lenses, seqs, batch_size=2, progress=False)["lenses"]["tuned"]
+    assert one["lenses"]["tuned"]["ce"] == pytest.approx(base["ce"], rel=1e-6)
+    assert one["lenses"]["tuned"]["kl"] == pytest.approx(base["kl"], rel=1e-5, abs=1e-7)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_depth(model, tokenizer, lenses, iter([]), progress=False)
+
+
+def test_eval_script_on_a_corpus(tmp_path, tokenizer, corpus_file):
+    model = make_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    save_lens(TunedLens.for_model(model), tmp_path / "lens")
+    script = runpy.run_path(str(ROOT / "eval" / "eval_lens.py"), run_name="as_module")
+    out = tmp_path / "out"
+    script["main"](
+        [
+            f"model.name={tmp_path / 'model'}", f"lens_path={tmp_path / 'lens'}", f"data.dataset={corpus_file}",
+            "data.seq_len=16", "data.eval_percent=50", "sequences=6", "batch_size=4", "transfer_tokens=20",
+            "transfer_stride=2", f"out_dir={out}",
+        ]
+    )
+    results = json.loads((out / "eval_depth.json").read_text())
+    assert set(results["lenses"]) == {"tuned", "logit"}
+    assert results["tokens"] == 6 * 15 and results["bytes"] > 0
+    assert results["transfer"]["layers"] == [0, 2]
+    # an untrained tuned lens is the logit lens
+    assert results["lenses"]["tuned"]["ce"] == pytest.approx(results["lenses"]["logit"]["ce"], rel=1e-6)
+    for name in ("eval_depth.png", "transfer.png"):
+        assert (out / name).stat().st_size > 0

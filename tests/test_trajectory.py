@@ -1,0 +1,181 @@
+"""Prediction trajectories: statistics and divergences against direct formulas, prediction depth."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_model
+
+from lens.translators import LogitLens, TunedLens, Unembed
+from lens.trajectory import (
+    STATS,
+    compare_readings,
+    depth_histogram,
+    divergences,
+    prediction_depth,
+    read_text,
+    read_trajectory,
+)
+
+LN2 = math.log(2)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def direct(p: list[float], q: list[float]) -> tuple[float, float, float]:
+    """KL, JS and TV written out term by term, with 0 log 0 = 0."""
+    kl = sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+    m = [(a + b) / 2 for a, b in zip(p, q)]
+    js = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m) if a > 0) + 0.5 * sum(
+        b * math.log(b / c) for b, c in zip(q, m) if b > 0
+    )
+    tv = 0.5 * sum(abs(a - b) for a, b in zip(p, q))
+    return kl, js, tv
+
+
+def test_divergences_match_direct_formulas():
+    torch.manual_seed(0)
+    p = torch.rand(20, 7, dtype=torch.float64) ** 3
+    q = torch.rand(20, 7, dtype=torch.float64) ** 3
+    p[:5, 2] = 0.0  # exact zeros in p only: KL stays finite
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    got = divergences(p.log(), q.log())
+    for row in range(20):
+        kl, js, tv = direct(p[row].tolist(), q[row].tolist())
+        assert got["kl"][row].item() == pytest.approx(kl, rel=1e-9, abs=1e-12)
+        assert got["js"][row].item() == pytest.approx(js, rel=1e-9, abs=1e-12)
+        assert got["tv"][row].item() == pytest.approx(tv, rel=1e-9, abs=1e-12)
+    assert (got["js"] <= LN2).all() and (got["tv"] <= 1).all() and (got["kl"] >= 0).all()
+    swapped = divergences(q.log(), p.log())
+    torch.testing.assert_close(swapped["js"], got["js"])  # JS and TV are symmetric, KL is not
+    torch.testing.assert_close(swapped["tv"], got["tv"])
+    assert not torch.allclose(swapped["kl"], got["kl"])
+
+
+def test_divergence_bounds_are_reached_and_zero_on_equal():
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0]])
+    q = torch.tensor([[0.0, 0.0, 0.25, 0.75]])
+    disjoint = divergences(p.log(), q.log())
+    assert disjoint["js"].item() == pytest.approx(LN2, rel=1e-6)
+    assert disjoint["tv"].item() == pytest.approx(1.0)
+    assert disjoint["kl"].item() == math.inf
+    same = divergences(q.log(), q.log())
+    assert same["js"].item() == 0 and same["tv"].item() == 0 and same["kl"].item() == 0
+
+
+def test_prediction_depth_on_constructed_case():
+    final = torch.tensor([7, 7, 7, 7])
+    top1 = torch.tensor(
+        [  # layer x token; the last row is the final layer
+            [7, 1, 7, 1],
+            [7, 1, 7, 1],
+            [7, 7, 1, 1],
+            [7, 7, 7, 1],
+            [7, 7, 7, 7],
+        ]
+    )
+    depths = prediction_depth(top1, final)
+    assert depths.tolist() == [0, 2, 3, 4]  # token 2 matches early, leaves at layer 2, settles at 3
+    assert depth_histogram(depths, n_layers=4).tolist() == [1, 0, 1, 1, 1]
+    top1[-1, 0] = 3  # the final row counts as a match by definition
+    assert prediction_depth(top1, final)[0].item() == 0
+
+
+@pytest.fixture
+def tuned_setup(tokenizer):
+    model = make_model("llama")
+    torch.manual_seed(3)
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.weight.normal_(0, 0.1)
+        lens.bias.normal_(0, 0.3)
+    ids, residuals, logits = read_text(model, tokenizer, "The quick brown fox jumps over the lazy dog. A lens")
+    return model, lens, ids, residuals, logits
+
+
+def test_trajectory_statistics_match_direct_formulas(tuned_setup):
+    model, lens, ids, residuals, logits = tuned_setup
+    unembed = Unembed(model)
+    traj = read_trajectory(lens, unembed, residuals, logits, ids, top_k=4, chunk=5)  # chunk < T on purpose
+    assert set(traj.stats) == set(STATS)
+    n_rows, n_tok = residuals.shape[:2]
+    log_final = logits.double().log_softmax(-1)  # [T, V]
+    final_top = logits.argmax(-1)
+    for layer in range(n_rows):
+        with torch.no_grad():
+            log_q = unembed(lens.translate_layer(residuals[layer], layer)).double().log_softmax(-1)  # [T, V]
+        q = log_q.exp()
+        for t in range(n_tok):
+            row = {name: traj.stats[name][layer, t].item() for name in STATS}
+            assert row["entropy"] == pytest.approx(-(q[t] * log_q[t]).sum().item(), rel=1e-4)
+            assert row["kl"] == pytest.approx((log_final[t].exp() * (log_final[t] - log_q[t])).sum().item(), rel=1e-3, abs=1e-5)
+            assert row["max_prob"] == pytest.approx(q[t].max().item(), rel=1e-5)
+            assert row["final_top_rank"] == (q[t] > q[t, final_top[t]]).sum().item()
+            if t + 1 < n_tok:
+                nxt = ids[t + 1]
+                assert row["ce"] == pytest.approx(-log_q[t, nxt].item(), rel=1e-5)
+                assert row["target_rank"] == (q[t] > q[t, nxt]).sum().item()
+            else:
+                assert math.isnan(row["ce"]) and math.isnan(row["target_rank"])
+            assert traj.top_ids[layer, t].tolist() == q[t].topk(4).indices.tolist()
+    # the final row is the model itself: it agrees with its own top token
+    assert (traj.stats["final_top_rank"][-1] == 0).all()
+    expected_depth = [
+        next(l for l in range(n_rows) if all(traj.top_ids[m, t, 0] == final_top[t] for m in range(l, n_rows)))
+        for t in range(n_tok)
+    ]
+    assert traj.depth.tolist() == expected_depth
+
+
+def test_compare_readings_matches_full_distributions(tuned_setup):
+    model, lens, _, residuals, _ = tuned_setup
+    unembed = Unembed(model)
+    logit = LogitLens(lens.n_layers, lens.d_model)
+    got = compare_readings(unembed, lens, residuals, logit, residuals, chunk=4)
+    for layer in (0, lens.n_layers - 1):
+        with torch.no_grad():
+            log_p = unembed(lens.translate_layer(residuals[layer], layer)).double().log_softmax(-1)
+            log_q = unembed(residuals[layer]).double().log_softmax(-1)
+        for t in (0, 7):
+            kl, js, tv = direct(log_p[t].exp().tolist(), log_q[t].exp().tolist())
+            assert got["kl"][layer, t].item() == pytest.approx(kl, rel=1e-3)
+            assert got["js"][layer, t].item() == pytest.approx(js, rel=1e-3)
+            assert got["tv"][layer, t].item() == pytest.approx(tv, rel=1e-3)
+    assert got["js"][-1].abs().max() < 1e-6  # the final layer is read the same way by both lenses
+    assert got["js"].max() <= LN2 and got["tv"].max() <= 1
+    with pytest.raises(ValueError, match="same layers and tokens"):
+        compare_readings(unembed, lens, residuals, logit, residuals[:, :3])
+
+
+def test_trajectory_script_writes_json_and_figures(tmp_path, tokenizer):
+    model = make_model("gpt2")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.bias.normal_(0, 0.5)
+    from lens.io import save_lens
+
+    save_lens(lens, tmp_path / "lens")
+    script = runpy.run_path(str(ROOT / "eval" / "trajectory.py"), run_name="as_module")
+    out = tmp_path / "out"
+    script["main"](["--model", str(tmp_path / "model"), "--lens", str(tmp_path / "lens"), "--out", str(out), "--text", "The quick brown fox"])
+    result = json.loads((out / "trajectory.json").read_text())
+    n_tok = len(result["tokens"])
+    assert result["lens"] == "tuned" and len(result["stats"]["entropy"]) == model.config.n_layer + 1
+    assert len(result["stats"]["ce"][0]) == n_tok and result["stats"]["ce"][0][-1] is None
+    assert len(result["prediction_depth"]) == n_tok and len(result["top_tokens"][0][0]) == 5
+    assert max(max(row) for row in result["vs_logit_lens"]["js"]) <= LN2
+    for name in ("trajectory.png", "trajectory.html", "trajectory_js.png"):
+        assert (out / name).stat().st_size > 0
+    # no lens given and none trained for this model: the logit lens, and no comparison
+    script["main"](["--model", str(tmp_path / "model"), "--out", str(tmp_path / "o2")])
+    assert json.loads((tmp_path / "o2" / "trajectory.json").read_text())["lens"] == "logit"
+    assert not (tmp_path / "o2" / "trajectory_js.png").exists()
+    # a lens that was asked for must exist: no silent fallback to the logit lens
+    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
+        script["main"](["--model", str(tmp_path / "model"), "--lens", str(tmp_path / "absent"), "--out", str(tmp_path / "o3")])
