@@ -23,11 +23,12 @@ class RidgeStats:
 
     def update(self, residuals: torch.Tensor) -> None:
         """``residuals``: ``[L+1, N, d]``; rows ``0..L-1`` are inputs, row ``L`` the target."""
-        x = residuals[:-1].double()  # [L, N, d]
-        x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)  # [L, N, d+1]
+        n_layers, n_tokens, d = residuals[:-1].shape
+        x = torch.ones(n_layers, n_tokens, d + 1, dtype=torch.float64)  # [L, N, d+1]: [h, 1]
+        x[..., :d] = residuals[:-1]
         y = residuals[-1].double()  # [N, d]
-        self.xtx += x.transpose(1, 2) @ x
-        self.xty += x.transpose(1, 2) @ y
+        self.xtx.baddbmm_(x.transpose(1, 2), x)  # in place: no second [L, d+1, d+1] buffer
+        self.xty.baddbmm_(x.transpose(1, 2), y.expand(x.shape[0], -1, -1))
         self.count += y.shape[0]
 
     def solve(self, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,15 +40,16 @@ class RidgeStats:
         """
         if self.count == 0:
             raise ValueError("no data accumulated: call update() with residuals first")
-        d = self.xtx.shape[-1] - 1
-        scale = self.xtx.diagonal(dim1=1, dim2=2)[:, :d].mean(-1)  # [L]
-        penalty = torch.zeros_like(self.xtx)
-        penalty[:, range(d), range(d)] = 1.0
-        lhs = self.xtx + ridge * scale[:, None, None] * penalty
-        coef = torch.linalg.solve(lhs, self.xty)  # [L, d+1, d]: y = x @ coef
-        linear, bias = coef[:, :d, :], coef[:, d, :]
-        eye = torch.eye(d, dtype=coef.dtype)
-        return (linear.transpose(1, 2) - eye).float(), bias.float()
+        n_layers, d = self.xty.shape[0], self.xty.shape[-1]
+        weight, bias = torch.empty(n_layers, d, d), torch.empty(n_layers, d)
+        eye = torch.eye(d, dtype=self.xtx.dtype)
+        for layer in range(n_layers):  # one layer at a time: no [L, d+1, d+1] temporaries
+            lhs = self.xtx[layer].clone()
+            diag = lhs.diagonal()[:d]
+            diag += ridge * diag.mean()
+            coef = torch.linalg.solve(lhs, self.xty[layer])  # [d+1, d]: y = x @ coef
+            weight[layer], bias[layer] = coef[:d].T - eye, coef[d]
+        return weight, bias
 
     def apply_to(self, lens: TunedLens, ridge: float = 1e-3) -> None:
         weight, bias = self.solve(ridge)

@@ -1,0 +1,184 @@
+"""Every fast path of lens training against the straightforward computation, on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lens.closed_form import RidgeStats
+from lens.metrics import StreamingKL, lens_kl_loss, lens_kl_loss_reference
+from lens.residuals import capture_residuals
+from lens.translators import TunedLens, Unembed
+
+
+def random_lens(model, seed: int = 0) -> TunedLens:
+    torch.manual_seed(seed)
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.weight.normal_(0, 0.1)
+        lens.bias.normal_(0, 0.1)
+    return lens
+
+
+def batch(model, n_seqs: int = 2, seq_len: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residuals ``[L+1, N, d]`` and teacher log-probs ``[N, V]`` of random tokens."""
+    torch.manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (n_seqs, seq_len))
+    residuals, logits = capture_residuals(model, ids)
+    return residuals.flatten(1, 2), logits.flatten(0, 1).float().log_softmax(-1)
+
+
+def with_unembed_bias(unembed: Unembed) -> Unembed:
+    """Give the unembedding a bias (GPT-2 and Llama have none)."""
+    old = unembed.unembed
+    biased = nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(old.weight)
+        biased.bias.normal_(0, 0.5)
+    biased.requires_grad_(False)
+    unembed.unembed = biased
+    return unembed
+
+
+def loss_and_grads(loss_fn, lens: TunedLens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lens.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.sum().backward()
+    return loss.detach(), lens.weight.grad.clone(), lens.bias.grad.clone()
+
+
+def assert_same(fast: tuple, slow: tuple) -> None:
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("unembed_bias", [False, True])
+def test_streaming_kl_matches_reference(tiny_model, unembed_bias):
+    lens, unembed = random_lens(tiny_model), Unembed(tiny_model)
+    if unembed_bias:
+        unembed = with_unembed_bias(unembed)
+    residuals, teacher = batch(tiny_model)
+    fast = loss_and_grads(lambda: lens_kl_loss(lens, unembed, residuals, teacher, chunk=5), lens)
+    slow = loss_and_grads(lambda: lens_kl_loss_reference(lens, unembed, residuals, teacher), lens)
+    assert fast[0].shape == (lens.n_layers,)
+    assert fast[0].min() > 0
+    assert_same(fast, slow)
+
+
+def test_streaming_kl_with_row_subsampling(tiny_model):
+    """The training module keeps a random subset of positions; both paths agree on it."""
+    lens, unembed = random_lens(tiny_model), with_unembed_bias(Unembed(tiny_model))
+    residuals, teacher = batch(tiny_model)
+    keep = torch.randperm(residuals.shape[1], generator=torch.Generator().manual_seed(0))[:7]
+    residuals, teacher = residuals[:, keep], teacher[keep]
+    fast = loss_and_grads(lambda: lens_kl_loss(lens, unembed, residuals, teacher, chunk=3), lens)
+    slow = loss_and_grads(lambda: lens_kl_loss_reference(lens, unembed, residuals, teacher), lens)
+    assert_same(fast, slow)
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_chunk_size_does_not_change_results(tiny_model):
+    lens, unembed = random_lens(tiny_model), Unembed(tiny_model)
+    residuals, teacher = batch(tiny_model)
+    results = [
+        loss_and_grads(lambda c=c: lens_kl_loss(lens, unembed, residuals, teacher, chunk=c), lens)
+        for c in (1, 4, 10_000)
+    ]
+    for other in results[1:]:
+        assert_same(other, results[0])
+
+
+@pytest.mark.parametrize("family", ["gpt2"])
+def test_streaming_kl_reuses_teacher_rows(tiny_model):
+    """Row ``i`` of the student reads teacher row ``i % M``: the same as repeating the teacher."""
+    unembed = Unembed(tiny_model)
+    residuals, teacher = batch(tiny_model)
+    x = unembed.final_norm(residuals[:2].reshape(-1, residuals.shape[-1]))  # two layers' rows
+    w, b = unembed.unembed.weight, unembed.unembed.bias
+    results = []
+    for t in (teacher, teacher.repeat(2, 1)):
+        xi = x.clone().requires_grad_()
+        loss = StreamingKL.apply(xi, w, b, t, 4)
+        loss.backward()
+        results.append((loss.detach(), xi.grad))
+    assert_same(results[0], results[1])
+
+
+def test_batched_translate_matches_per_layer(tiny_model):
+    lens = random_lens(tiny_model)
+    torch.manual_seed(2)
+    residuals = torch.randn(lens.n_layers + 1, 2, 5, lens.d_model)  # [L+1, B, T, d]
+    batched = lens.translate(residuals)
+    looped = torch.stack([lens.translate_layer(h, i) for i, h in enumerate(residuals)])
+    assert batched.shape == residuals.shape
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched[-1], residuals[-1])
+
+
+def lstsq_reference(residuals: torch.Tensor, ridge_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, b)`` from ``torch.linalg.lstsq`` per layer on ``[h, 1] -> h_L`` (ridge as extra rows)."""
+    y = residuals[-1].double()
+    weights, biases = [], []
+    for layer, h in enumerate(residuals[:-1].double()):
+        x = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)
+        target = y
+        if ridge_rows is not None:
+            x = torch.cat([x, ridge_rows[layer]])
+            target = torch.cat([y, torch.zeros(ridge_rows.shape[1], y.shape[1], dtype=y.dtype)])
+        coef = torch.linalg.lstsq(x, target).solution  # [d+1, d]
+        d = h.shape[1]
+        weights.append(coef[:d].T - torch.eye(d, dtype=coef.dtype))
+        biases.append(coef[d])
+    return torch.stack(weights).float(), torch.stack(biases).float()
+
+
+def random_residuals(n_layers: int = 3, n_tokens: int = 200, d: int = 8) -> torch.Tensor:
+    """Residual-like data: layers of very different scale and a nonzero mean (so the bias matters)."""
+    torch.manual_seed(3)
+    h = torch.randn(n_layers + 1, n_tokens, d) * torch.logspace(0, 2, n_layers + 1)[:, None, None]
+    return h + torch.randn(n_layers + 1, 1, d) * 3
+
+
+def accumulate(residuals: torch.Tensor, pieces: int) -> RidgeStats:
+    stats = RidgeStats(residuals.shape[0] - 1, residuals.shape[-1])
+    for part in residuals.chunk(pieces, dim=1):
+        stats.update(part)
+    return stats
+
+
+def test_ridge_solve_matches_lstsq_without_ridge():
+    residuals = random_residuals()
+    weight, bias = accumulate(residuals, pieces=3).solve(ridge=0.0)
+    ref_weight, ref_bias = lstsq_reference(residuals, None)
+    torch.testing.assert_close(weight, ref_weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias, ref_bias, rtol=1e-4, atol=1e-4)
+
+
+def test_ridge_solve_matches_lstsq_with_unpenalised_bias_column():
+    residuals = random_residuals()
+    ridge = 0.5
+    n_layers, d = residuals.shape[0] - 1, residuals.shape[-1]
+    gram_diag = (residuals[:-1].double() ** 2).sum(1)  # [L, d]: the Gram diagonal, bias column left out
+    rows = torch.zeros(n_layers, d, d + 1, dtype=torch.float64)
+    rows[:, :, :d] = torch.eye(d) * (ridge * gram_diag.mean(-1))[:, None, None].sqrt()
+    weight, bias = accumulate(residuals, pieces=4).solve(ridge=ridge)
+    ref_weight, ref_bias = lstsq_reference(residuals, rows)
+    torch.testing.assert_close(weight, ref_weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias, ref_bias, rtol=1e-4, atol=1e-4)
+
+
+def test_ridge_solve_on_model_residuals(tiny_model):
+    """Closed-form start on a real (tiny) model's residuals equals lstsq; it beats the logit lens."""
+    residuals, teacher = batch(tiny_model, n_seqs=8, seq_len=16)
+    stats = accumulate(residuals, pieces=2)
+    weight, bias = stats.solve(ridge=1e-9)
+    ref_weight, ref_bias = lstsq_reference(residuals, None)
+    torch.testing.assert_close(weight, ref_weight, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bias, ref_bias, rtol=1e-3, atol=1e-3)
+    lens, unembed = TunedLens.for_model(tiny_model), Unembed(tiny_model)
+    with torch.no_grad():
+        logit_kl = lens_kl_loss(lens, unembed, residuals, teacher).mean()
+        stats.apply_to(lens)
+        fitted_kl = lens_kl_loss(lens, unembed, residuals, teacher).mean()
+    assert fitted_kl < logit_kl
