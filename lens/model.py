@@ -62,6 +62,7 @@ def load_model(
             f"Could not load model {name_or_path!r}: {err}\nGive a local folder, a .gguf file, "
             f"or {DEFAULT_MODEL!r} (the embedded default); hub ids need network access to the hub."
         ) from err
+    model.config.name_or_path = name_or_path  # a GGUF load records its folder; keep the name asked for
     return prepare_model(model), prepare_tokenizer(tokenizer)
 
 

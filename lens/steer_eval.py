@@ -12,6 +12,7 @@ import math
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lens.evaluate import evaluate_lenses
@@ -96,9 +97,9 @@ def lens_loss_shift(
 ) -> dict[str, Any]:
     """Per-layer mean lens CE and KL, intact vs intervened, and the shift (lists of length ``L+1``)."""
 
-    def per_layer() -> dict[str, torch.Tensor]:  # token-weighted means over all sequences, [L+1] each
+    def per_layer(which: str) -> dict[str, torch.Tensor]:  # token-weighted means over all sequences, [L+1] each
         sums: dict[str, torch.Tensor] = {}
-        for seq in sequences:
+        for seq in tqdm(sequences, desc=f"lens loss per layer, {which}", unit="seq"):
             res = evaluate_lenses(model, {"lens": lens}, seq[None], progress=False)
             for metric in ("ce", "kl"):
                 add = torch.tensor(res["lenses"]["lens"][metric]) * res["tokens"]
@@ -106,9 +107,9 @@ def lens_loss_shift(
         n_tokens = sum(seq.numel() - 1 for seq in sequences)
         return {m: v / n_tokens for m, v in sums.items()}
 
-    base = per_layer()
+    base = per_layer("intact")
     with intervention():
-        steered = per_layer()
+        steered = per_layer("intervened")
     out: dict[str, Any] = {"lens": lens.kind}
     for metric in base:
         out[metric] = {"base": base[metric].tolist(), "intervened": steered[metric].tolist()}

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from lens.model import prepare_model, prepare_tokenizer
+from lens.translators import TunedLens
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A lens reads the residual stream of a model. "
@@ -58,6 +59,16 @@ def make_model(family: str, n_layers: int = N_LAYERS, seed: int = 0):
 
 
 FAMILIES = ["gpt2", "gpt_neox", "llama"]
+
+
+def random_lens(model, seed: int = 0, bias_std: float = 0.1) -> TunedLens:
+    """A tuned lens with random (non-identity) translators, for checks that must not pass by accident."""
+    torch.manual_seed(seed)
+    lens = TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.weight.normal_(0, 0.1)
+        lens.bias.normal_(0, bias_std)
+    return lens
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TEXT, make_model
+from conftest import TEXT, make_model, random_lens
 
 from lens.evaluate import evaluate_lenses
 from lens.eval_depth import evaluate_depth
@@ -23,11 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def setup(tokenizer):
     model = make_model("gpt_neox")
-    torch.manual_seed(5)
-    lens = TunedLens.for_model(model)
-    with torch.no_grad():
-        lens.weight.normal_(0, 0.1)
-        lens.bias.normal_(0, 0.3)
+    lens = random_lens(model, seed=5, bias_std=0.3)
     ids = torch.tensor(tokenizer(TEXT)["input_ids"][: 5 * 12]).reshape(5, 12)  # [n, T]
     return model, lens, ids
 

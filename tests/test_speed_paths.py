@@ -7,18 +7,11 @@ import torch
 from torch import nn
 
 from lens.closed_form import RidgeStats
+from conftest import random_lens
 from lens.metrics import StreamingKL, lens_kl_loss, lens_kl_loss_reference
 from lens.residuals import capture_residuals
 from lens.translators import TunedLens, Unembed
 
-
-def random_lens(model, seed: int = 0) -> TunedLens:
-    torch.manual_seed(seed)
-    lens = TunedLens.for_model(model)
-    with torch.no_grad():
-        lens.weight.normal_(0, 0.1)
-        lens.bias.normal_(0, 0.1)
-    return lens
 
 
 def batch(model, n_seqs: int = 2, seq_len: int = 12) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, random_lens
 
 from lens.translators import LogitLens, TunedLens, Unembed
 from lens.trajectory import (
@@ -88,11 +88,7 @@ def test_prediction_depth_on_constructed_case():
 @pytest.fixture
 def tuned_setup(tokenizer):
     model = make_model("llama")
-    torch.manual_seed(3)
-    lens = TunedLens.for_model(model)
-    with torch.no_grad():
-        lens.weight.normal_(0, 0.1)
-        lens.bias.normal_(0, 0.3)
+    lens = random_lens(model, seed=3, bias_std=0.3)
     ids, residuals, logits = read_text(model, tokenizer, "The quick brown fox jumps over the lazy dog. A lens")
     return model, lens, ids, residuals, logits
 
