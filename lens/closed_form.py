@@ -8,9 +8,32 @@ cheap next to KL steps, and KL fine-tuning starts from there instead of from the
 
 from __future__ import annotations
 
-import torch
+from typing import Iterator
 
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lens.residuals import capture_residuals
 from lens.translators import TunedLens
+
+SINK_POSITIONS = 1
+"""Leading positions left out of least-squares fits. Position 0 is an attention sink whose residual
+norm is in the thousands; in the squared error it outweighs every other position, and the fit then
+serves it alone (SmolLM2-135M: tuned-lens closed form, held-out mean KL 2.36 nats with it and 2.24
+without; single-block span translators for blocks 12-23, CE ~4.15 with it, ~3.84 without, plain
+skip ~3.85)."""
+
+
+@torch.no_grad()
+def fit_residuals(
+    model: PreTrainedModel, sequences: torch.Tensor, batch_size: int, desc: str, skip_positions: int = SINK_POSITIONS
+) -> Iterator[torch.Tensor]:
+    """One pass of the frozen model: residuals ``[L+1, N, d]`` (CPU, float32) per batch, without the
+    first ``skip_positions`` positions of each sequence."""
+    for start in tqdm(range(0, len(sequences), batch_size), desc=desc):
+        residuals, _ = capture_residuals(model, sequences[start : start + batch_size].to(model.device))
+        yield residuals[:, :, skip_positions:].flatten(1, 2).float().cpu()
 
 
 class RidgeStats:

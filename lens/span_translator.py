@@ -19,12 +19,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lens.closed_form import RidgeStats
+from lens.closed_form import SINK_POSITIONS, RidgeStats, fit_residuals
 from lens.interventions.base import n_layers
 from lens.interventions.surgery import LayerProgram, check_span
 from lens.io import CONFIG, read_lens_config, save_tensors
 from lens.model import model_id
-from lens.residuals import capture_residuals
 
 WEIGHTS = "translator.safetensors"
 
@@ -57,14 +56,18 @@ class SpanTranslator(nn.Module):
 
 @torch.no_grad()
 def fit_least_squares(
-    model: PreTrainedModel, translators: Sequence[SpanTranslator], sequences: torch.Tensor, batch_size: int, ridge: float = 1e-3
+    model: PreTrainedModel,
+    translators: Sequence[SpanTranslator],
+    sequences: torch.Tensor,
+    batch_size: int,
+    ridge: float = 1e-3,
+    skip_positions: int = SINK_POSITIONS,
 ) -> None:
     """Set each translator to the ridge regression of the residual after its ``end`` on the one after
-    its ``start``; one pass over ``sequences`` serves them all."""
+    its ``start`` (attention-sink positions left out, see ``SINK_POSITIONS``); one pass over
+    ``sequences`` serves them all."""
     stats = [RidgeStats(1, t.d_model) for t in translators]
-    for first in tqdm(range(0, len(sequences), batch_size), desc="least-squares start"):
-        residuals, _ = capture_residuals(model, sequences[first : first + batch_size].to(model.device))
-        residuals = residuals.flatten(1, 2).float().cpu()  # [L+1, N, d]
+    for residuals in fit_residuals(model, sequences, batch_size, "least-squares start", skip_positions):
         for t, stat in zip(translators, stats):
             stat.update(residuals[[t.start, t.end]])  # [2, N, d]: input, target
     for t, stat in zip(translators, stats):

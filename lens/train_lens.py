@@ -12,16 +12,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from tqdm.auto import tqdm
 
-from lens.closed_form import RidgeStats
+from lens.closed_form import RidgeStats, fit_residuals
 from lens.config import TrainConfig, to_dict
 from lens.evaluate import evaluate_lenses
 from lens.io import logit_lens_for, save_lens, write_json
 from lens.model import load_model, model_id
 from lens.plots import plot_layer_metrics
 from lens.pretrained import lens_metadata
-from lens.residuals import capture_residuals
 from lens.training.checkpointing import (
     AtomicCheckpointIO,
     ResumeGuard,
@@ -35,13 +33,11 @@ from lens.training.module import TunedLensModule
 from lens.translators import TunedLens
 
 
-@torch.no_grad()
 def closed_form_start(model, lens: TunedLens, sequences: torch.Tensor, batch_size: int, ridge: float) -> None:
     """Fit every translator by ridge regression onto the final residual, in one pass."""
     stats = RidgeStats(lens.n_layers, lens.d_model)
-    for start in tqdm(range(0, len(sequences), batch_size), desc="closed-form start"):
-        residuals, _ = capture_residuals(model, sequences[start : start + batch_size].to(model.device))
-        stats.update(residuals.flatten(1, 2).cpu())
+    for residuals in fit_residuals(model, sequences, batch_size, desc="closed-form start"):
+        stats.update(residuals)
     stats.apply_to(lens, ridge)
 
 

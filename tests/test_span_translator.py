@@ -62,9 +62,20 @@ def test_mse_training_and_least_squares_approach_true_residual(tokenizer):
     trained, solved = SpanTranslator.for_span(model, 1, 3), SpanTranslator.for_span(model, 1, 3)
     skip = mse(trained)
     fit(model, trained, seqs, "mse")
-    fit_least_squares(model, [solved], seqs, batch_size=4, ridge=1e-6)
+    fit_least_squares(model, [solved], seqs, batch_size=4, ridge=1e-6, skip_positions=0)
     assert mse(trained) < 0.8 * skip
     assert mse(solved) <= mse(trained) + 1e-6  # least squares is the optimum of the same objective
+
+    # The default leaves position 0 (the attention sink) out: optimal on the other positions.
+    without_first = SpanTranslator.for_span(model, 1, 3)
+    fit_least_squares(model, [without_first], seqs, batch_size=4, ridge=1e-6)
+
+    def mse_after_first(t: SpanTranslator) -> float:
+        with torch.no_grad():
+            return (t(residuals[1, :, 1:]) - residuals[3, :, 1:]).pow(2).mean().item()
+
+    assert mse_after_first(without_first) <= mse_after_first(solved) + 1e-6
+    assert not torch.allclose(without_first.weight, solved.weight)
 
 
 def test_save_load_round_trip_and_mismatch(tokenizer, tmp_path):

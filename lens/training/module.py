@@ -133,10 +133,11 @@ class TunedLensModule(FrozenModelModule):
 
     def part_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
         residuals, logits = capture_residuals(self.base_model, input_ids)  # [L+1, B, T, d], [B, T, V]
-        residuals = residuals.flatten(1, 2)  # [L+1, N, d]
-        teacher_logp = logits.flatten(0, 1).float().log_softmax(-1)  # [N, V]
+        residuals, logits = residuals.flatten(1, 2), logits.flatten(0, 1)  # [L+1, N, d], [N, V]
         k = self.lens_cfg.positions_per_layer
         if k is not None and k < residuals.shape[1]:
             keep = torch.randperm(residuals.shape[1], device=residuals.device)[:k]
-            residuals, teacher_logp = residuals[:, keep], teacher_logp[keep]
+            residuals, logits = residuals[:, keep], logits[keep]
+        teacher_logp = logits.float().log_softmax(-1)  # [k, V]: only the kept positions pay for it
+        del logits
         return lens_kl_loss(self.lens, self.unembed, residuals, teacher_logp, self.lens_cfg.kl_chunk)
