@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lens.config import TrainConfig, TranslatorTrainConfig, load_config
+from lens.config import TrainConfig, TranslatorTrainConfig, load_config, run_cli
 from lens.train_lens import train
 from lens.train_translator import train_translator
 
@@ -51,4 +51,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

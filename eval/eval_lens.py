@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from lens.config import load_config
+from lens.config import load_config, run_cli
 from lens.eval_depth import EvalDepthConfig, run_eval
 
 
@@ -28,4 +28,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -208,6 +208,15 @@ class SkipSweepConfig:
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a CLI entry point: a bad key, a bad value or a missing file ends with one line naming
+    it, not a traceback."""
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def load_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None):

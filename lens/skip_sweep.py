@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 from transformers import PreTrainedModel
 
-from lens.config import SkipSweepConfig, SpanConfig, TranslatorTrainConfig, load_config, to_dict
+from lens.config import SkipSweepConfig, SpanConfig, TranslatorTrainConfig, load_config, run_cli, to_dict
 from lens.interventions.base import n_layers
 from lens.io import write_json
 from lens.model import load_model, model_id
@@ -95,4 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

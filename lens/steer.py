@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.config import ConfigError, load_config, to_dict
+from lens.config import ConfigError, load_config, run_cli, to_dict
 from lens.data import load_sequences
 from lens.html_report import write_html
 from lens.interventions import ActAdd, LayerProgram, ResidualAdd, SteeringVector
@@ -204,4 +204,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
