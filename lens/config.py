@@ -115,8 +115,10 @@ class EvalConfig:
 
 
 @dataclass
-class TrainConfig:
-    run_name: str = "smollm2-135m"
+class RunConfig:
+    """What every run shares: its folder, its seed, the frozen model and the corpus."""
+
+    run_name: str = "run"
     """Folder name under ``output_dir`` for this run's files."""
     output_dir: str = "checkpoints"
     """Where run folders are written."""
@@ -124,16 +126,23 @@ class TrainConfig:
     """Seeds Python, NumPy and torch (tuned-lens default)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """``python train.py --config configs/<name>.yaml``: train and evaluate a tuned lens."""
+
+    run_name: str = "smollm2-135m"
     lens: LensConfig = field(default_factory=LensConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resume: bool = False
     """Continue from ``<run>/resume/last.ckpt`` when it exists (``train.py --resume PATH`` names another)."""
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
 
 
 @dataclass
@@ -159,36 +168,24 @@ def _translator_optim() -> OptimConfig:
 
 
 @dataclass
-class TranslatorTrainConfig:
+class TranslatorTrainConfig(RunConfig):
     """``python train.py --config configs/translator_<name>.yaml`` (YAML top-level ``kind: translator``)."""
 
     kind: str = "translator"
     """Which run ``train.py`` starts: ``translator`` here; YAMLs without ``kind`` train a lens."""
     run_name: str = "translator-smollm2-135m"
-    output_dir: str = "checkpoints"
-    seed: int = 42
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     span: SpanConfig = field(default_factory=SpanConfig)
     optim: OptimConfig = field(default_factory=_translator_optim)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
-
 
 @dataclass
-class SkipSweepConfig:
+class SkipSweepConfig(RunConfig):
     """``python -m lens.skip_sweep --config configs/<name>.yaml`` (YAML top-level ``kind: skip_sweep``)."""
 
     kind: str = "skip_sweep"
     run_name: str = "skip-sweep-smollm2-135m"
-    output_dir: str = "checkpoints"
-    seed: int = 42
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     span_lengths: list[int] = field(default_factory=lambda: [1])
     """Every span ``i..i+n`` for each length ``n`` listed."""
     translators: str = "lstsq"
@@ -200,10 +197,6 @@ class SkipSweepConfig:
     """Held-out sequences every span is scored on."""
     optim: OptimConfig = field(default_factory=_translator_optim)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
 
 
 class ConfigError(ValueError):

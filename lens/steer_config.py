@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-from lens.config import DataConfig, ModelConfig
+from lens.config import DataConfig, RunConfig
 
 
 @dataclass
@@ -69,23 +68,19 @@ class SteerEvalConfig:
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(RunConfig):
+    """``python -m lens.steer --config configs/steer_<name>.yaml``: one steering run and its pictures.
+    Runs go to ``eval/out/steer/<run_name>`` (git-ignored); generation is greedy, so the seed only
+    matters for future sampling options."""
+
     run_name: str = "steer"
-    """Folder name under ``output_dir`` for this run's files."""
     output_dir: str = "eval/out/steer"
-    """Where run folders are written (git-ignored)."""
     seed: int = 0
-    """Seeds torch (generation is greedy; this only matters for future sampling options)."""
     lens: str = "auto"
     """``auto`` (the trained lens at ``checkpoints/<model.name>/`` if it exists, else the logit lens),
     ``logit``, or a lens folder holding ``lens.safetensors``."""
-    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=64))
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     picture: PictureConfig = field(default_factory=PictureConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: SteerEvalConfig = field(default_factory=SteerEvalConfig)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.run_name
