@@ -21,11 +21,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.config import DataConfig, ModelConfig
 from lens.data import token_sequences
+from lens.evaluate import scored_batches
 from lens.io import logit_lens_for, write_json
 from lens.metrics import lens_token_stats
 from lens.model import load_model
 from lens.pretrained import lens_or_logit
-from lens.residuals import capture_residuals
 from lens.trajectory import depth_histogram, prediction_depth
 from lens.translators import Lens, TunedLens, Unembed
 
@@ -108,28 +108,22 @@ def evaluate_depth(
     n_tokens = n_bytes = n_kept = 0
     stream = iter(sequences)
     bar = tqdm(total=total, desc="eval depth", unit="seq", disable=not progress)
-    while batch := list(itertools.islice(stream, batch_size)):
-        ids = torch.stack(batch).to(model.device)  # [b, T]
-        residuals, logits = capture_residuals(model, ids)
-        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()  # [b*T]
-        keep = targets >= 0
-        residuals = residuals.flatten(1, 2)[:, keep].float()  # [L+1, N, d]
-        final_logits, targets = logits.flatten(0, 1)[keep].float(), targets[keep]  # [N, V], [N]
-        final_top1 = final_logits.argmax(-1)  # [N]
-        n_tokens += len(targets)
-        n_bytes += sum(text_bytes(tokenizer, seq[1:]) for seq in ids.cpu())
-        for name, lens in lenses.items():
-            stats = lens_token_stats(lens, unembed, residuals, final_logits, targets)
+    batches = iter(lambda: list(itertools.islice(stream, batch_size)), [])  # bounded memory: one batch at a time
+    for batch in scored_batches(model, lenses, map(torch.stack, batches)):
+        final_top1 = batch.final_logits.argmax(-1).cpu()  # [N]
+        n_tokens += len(batch.targets)
+        n_bytes += sum(text_bytes(tokenizer, seq[1:]) for seq in batch.ids.cpu())
+        for name, stats in batch.stats.items():
             top1 = stats["top_ids"][..., 0]  # [L+1, N]
-            stats["agreement"] = (top1 == final_top1.cpu()).float()
+            stats["agreement"] = (top1 == final_top1).float()
             for metric in SUMMED:
                 sums[name][metric] += stats[metric].double().sum(-1)
-            hists[name] += depth_histogram(prediction_depth(top1, final_top1.cpu()), n_layers)
+            hists[name] += depth_histogram(prediction_depth(top1, final_top1), n_layers)
         if n_kept < transfer_tokens:
             take = slice(0, transfer_tokens - n_kept)
-            kept.append((residuals[:, take].cpu(), final_logits[take].cpu(), targets[take].cpu()))
+            kept.append((batch.residuals[:, take].cpu(), batch.final_logits[take].cpu(), batch.targets[take].cpu()))
             n_kept += kept[-1][2].numel()
-        bar.update(len(batch))
+        bar.update(len(batch.ids))
     bar.close()
     if n_tokens == 0:
         raise ValueError("no tokens to evaluate: the sequence stream was empty")
