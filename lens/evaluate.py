@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from lens.metrics import lens_token_stats
+from lens.metrics import lens_token_stats, next_token_targets
 from lens.residuals import capture_residuals
 from lens.translators import Lens, Unembed
 
@@ -36,7 +36,7 @@ def scored_batches(model: PreTrainedModel, lenses: dict[str, Lens], batches: Ite
     for ids in batches:
         ids = ids.to(model.device)  # [b, T]
         residuals, logits = capture_residuals(model, ids)
-        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1).flatten()  # [b*T]
+        targets = next_token_targets(ids).flatten()  # [b*T]
         keep = targets >= 0
         residuals = residuals.flatten(1, 2)[:, keep].float()  # [L+1, N, d]
         final_logits, targets = logits.flatten(0, 1)[keep].float(), targets[keep]

@@ -86,6 +86,15 @@ def lens_kl_loss_reference(
     return torch.stack(losses)
 
 
+NO_TARGET = -100
+"""Target id of positions with no next token (the last of each sequence)."""
+
+
+def next_token_targets(ids: torch.Tensor) -> torch.Tensor:
+    """``[..., T] -> [..., T]``: the token each position predicts, ``NO_TARGET`` at the last one."""
+    return torch.cat([ids[..., 1:], torch.full_like(ids[..., :1], NO_TARGET)], dim=-1)
+
+
 @torch.no_grad()
 def lens_token_stats(
     lens: Lens,

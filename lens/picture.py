@@ -15,11 +15,11 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.metrics import lens_token_stats, nats_to_bits
+from lens.metrics import lens_token_stats, nats_to_bits, next_token_targets
 from lens.residuals import capture_residuals
 from lens.translators import Lens, Unembed
 
-Intervention = Callable[[], AbstractContextManager[Any]]
+InterventionFactory = Callable[[], AbstractContextManager[Any]]
 """Builds the context manager that applies an intervention for one ``with`` block."""
 
 METRICS = {"ce": "cross-entropy vs next token", "kl": "KL(final || lens)", "entropy": "entropy of lens prediction"}
@@ -124,7 +124,7 @@ def token_stats(model: PreTrainedModel, lens: Lens, input_ids: torch.Tensor, top
             "compare the final loss of depth-changing programs with lens.steer_eval.program_losses"
         )
     ids = input_ids[0]
-    targets = torch.cat([ids[1:], ids.new_full((1,), -100)])  # [T]
+    targets = next_token_targets(ids)  # [T]
     stats = lens_token_stats(lens, Unembed(model), residuals[:, 0].float(), logits[0], targets, top_k=top_k)
     return TokenStats(stats["ce"], stats["kl"], stats["entropy"], stats["top_ids"], stats["top_probs"])
 
@@ -134,7 +134,7 @@ def build_picture(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
     lens: Lens,
-    intervention: Intervention | None = None,
+    intervention: InterventionFactory | None = None,
     top_k: int = 5,
 ) -> LossPicture:
     """Run ``text`` through the base model and, if given, the intervened model; read both with ``lens``."""

@@ -8,7 +8,6 @@ and ``summary.json`` (steering scale, greedy continuations, held-out evaluation)
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,26 +17,22 @@ from lens.config import ConfigError, load_config, run_cli, to_dict
 from lens.data import load_sequences
 from lens.html_report import write_html
 from lens.interventions import ActAdd, LayerProgram, ResidualAdd, SteeringVector
-from lens.io import load_lens, logit_lens_for, write_json
+from lens.io import logit_lens_for, write_json
 from lens.model import load_model
 from lens.picture import METRICS, UNITS, build_picture
 from lens.plots import plot_final_token_loss, plot_token_heatmaps
+from lens.pretrained import lens_or_logit
 from lens.residuals import capture_residuals
 from lens.steer_config import SteerConfig, SteeringConfig
 from lens.steer_eval import evaluate_steering, program_losses
 from lens.translators import Lens
 
-LENS_WEIGHTS = "lens.safetensors"
-
-
 def resolve_lens(spec: str, model: PreTrainedModel, model_name: str) -> Lens:
-    """``auto``: the trained lens under ``checkpoints/<model_name>/`` if there is one, else the logit lens."""
+    """``logit``; ``auto``: the trained lens under ``checkpoints/<model_name>/`` if there is one, else
+    the logit lens; anything else: a lens folder or tuned-lens id that must load."""
     if spec == "logit":
         return logit_lens_for(model)
-    if spec == "auto":
-        folder = Path("checkpoints") / model_name
-        return load_lens(folder, model) if (folder / LENS_WEIGHTS).is_file() else logit_lens_for(model)
-    return load_lens(spec, model)
+    return lens_or_logit(None if spec == "auto" else spec, model, model_name)
 
 
 def build_steering(cfg: SteeringConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ResidualAdd:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lens.evaluate import evaluate_lenses
-from lens.picture import Intervention
+from lens.picture import InterventionFactory
 from lens.translators import Lens
 
 
@@ -68,7 +68,7 @@ def mean_difference_ci(per_sequence: torch.Tensor, confidence: float = 0.95) -> 
 def evaluate_steering(
     model: PreTrainedModel,
     sequences: Sequence[torch.Tensor],
-    intervention: Intervention,
+    intervention: InterventionFactory,
     lens: Lens | None = None,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def evaluate_steering(
 
 
 def lens_loss_shift(
-    model: PreTrainedModel, lens: Lens, sequences: Sequence[torch.Tensor], intervention: Intervention
+    model: PreTrainedModel, lens: Lens, sequences: Sequence[torch.Tensor], intervention: InterventionFactory
 ) -> dict[str, Any]:
     """Per-layer mean lens CE and KL, intact vs intervened, and the shift (lists of length ``L+1``)."""
 
@@ -118,7 +118,7 @@ def lens_loss_shift(
 
 
 def program_losses(
-    model: PreTrainedModel, sequences: Sequence[torch.Tensor], programs: dict[str, Intervention]
+    model: PreTrainedModel, sequences: Sequence[torch.Tensor], programs: dict[str, InterventionFactory]
 ) -> dict[str, Any]:
     """Final loss (mean next-token NLL, nats) of the intact model and under each surgery program."""
     intact = -float(torch.cat(sequence_logprobs(model, sequences)).mean())

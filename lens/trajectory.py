@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.io import write_json
-from lens.metrics import DEFAULT_CHUNK, lens_token_stats
+from lens.metrics import DEFAULT_CHUNK, lens_token_stats, next_token_targets
 from lens.model import load_model
 from lens.picture import LossPicture, TokenStats, _json_array, token_label
 from lens.pretrained import lens_or_logit
@@ -83,7 +83,7 @@ def read_trajectory(
     chunk: int = DEFAULT_CHUNK,
 ) -> Trajectory:
     """All statistics of one text through one lens (two chunked passes over the unembedding)."""
-    targets = torch.cat([input_ids[1:], input_ids.new_full((1,), -100)])  # [T]: next token, none at the end
+    targets = next_token_targets(input_ids)  # [T]: next token, none at the end
     main = lens_token_stats(lens, unembed, residuals, final_logits, targets, top_k, chunk)
     # Second pass with the final layer's top token as "target": its rank under every layer.
     vs_final = lens_token_stats(lens, unembed, residuals, final_logits, final_logits.argmax(-1), 1, chunk)
