@@ -107,9 +107,13 @@ def lens_token_stats(
 ) -> dict[str, torch.Tensor]:
     """Per layer x token: CE vs next token, KL to the final layer, entropy, top-k ids and probs.
 
-    All arrays are ``[L+1, N]`` (top-k: ``[L+1, N, k]``), in nats.
+    All arrays are ``[L+1, N]`` (top-k: ``[L+1, N, k]``), in nats. When ``residuals`` holds every
+    layer ``0..L``, row ``L`` is read from ``final_logits``: every lens reads the last layer as the
+    model does, so that row *is* the model's output (KL exactly 0, CE the model's own loss) instead
+    of a re-computation that differs from it in the last bits.
     """
     n_rows, n_tokens = residuals.shape[0], residuals.shape[1]
+    output_row = lens.n_layers if n_rows == lens.n_layers + 1 else None
     out: dict[str, torch.Tensor] = {
         name: torch.empty(n_rows, n_tokens) for name in ("kl", "entropy", "ce", "target_rank")
     }
@@ -120,10 +124,13 @@ def lens_token_stats(
         log_p = final_logits[sl].float().log_softmax(-1)  # [c, V]
         tgt = targets[sl] if targets is not None else None
         for layer in range(n_rows):
-            h = lens.translate_layer(residuals[layer, sl], layer)
-            log_q = unembed(h).float().log_softmax(-1)  # [c, V]
+            if layer == output_row:
+                log_q = log_p
+            else:
+                log_q = unembed(lens.translate_layer(residuals[layer, sl], layer)).float().log_softmax(-1)  # [c, V]
             q = log_q.exp()
-            out["kl"][layer, sl] = (log_p.exp() * (log_p - log_q)).sum(-1)
+            # a KL is >= 0; rounding leaves a hair below 0 where lens and model nearly agree
+            out["kl"][layer, sl] = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)
             out["entropy"][layer, sl] = -(q * log_q).sum(-1)
             probs, ids = q.topk(top_k, dim=-1)
             out["top_ids"][layer, sl], out["top_probs"][layer, sl] = ids, probs

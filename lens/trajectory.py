@@ -61,15 +61,18 @@ def divergences(log_p: torch.Tensor, log_q: torch.Tensor) -> dict[str, torch.Ten
     """KL(p || q), Jensen-Shannon (<= ln 2) and total variation (<= 1) over the last axis, in nats.
 
     Zero-probability entries contribute nothing (0 log 0 = 0), so exact zeros in the inputs are fine.
+    Where ``p_i == q_i`` the mixture is ``p_i`` itself and the entry contributes exactly 0, so equal
+    distributions give exactly 0 on every platform, not a rounding residue of ``log((p + q) / 2)``.
     """
     p, q = log_p.exp(), log_q.exp()
     log_m = torch.logaddexp(log_p, log_q) - math.log(2)  # log of the mixture (p + q) / 2
+    differ = log_p != log_q
 
     def kl(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-        return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
+        return torch.where((a > 0) & differ, a * (log_a - log_b), 0.0).sum(-1)
 
     js = 0.5 * (kl(p, log_p, log_m) + kl(q, log_q, log_m))
-    return {"kl": kl(p, log_p, log_q), "js": js.clamp(min=0.0), "tv": 0.5 * (p - q).abs().sum(-1)}
+    return {"kl": kl(p, log_p, log_q).clamp(min=0.0), "js": js.clamp(min=0.0), "tv": 0.5 * (p - q).abs().sum(-1)}
 
 
 @torch.no_grad()

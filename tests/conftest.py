@@ -96,3 +96,47 @@ def corpus_file(tmp_path):
         for i in range(60):
             f.write(json.dumps({"text": ". ".join(sentences[i % 7 : i % 7 + 5])}) + "\n")
     return path
+
+
+# Comparisons that hold under any summation order. Two batchings, chunkings, thread counts or BLAS
+# kernels give floats that differ in the last bits, so argmax-derived integers (top-k ids, ranks,
+# greedy tokens) can flip where two scores nearly tie. These helpers stay exact wherever the
+# reference has a clear winner and let only near ties go either way.
+TIE = 1e-3
+"""Score gap (nats or logits) under which two candidates count as tied."""
+
+
+def clear_argmax(scores: torch.Tensor, margin: float = TIE) -> torch.Tensor:
+    """``[..., V] -> [...]``: True where the top score leads the runner-up by more than ``margin``."""
+    top2 = scores.topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1] > margin
+
+
+def assert_rank(got: float, scores: torch.Tensor, index: int, tol: float = TIE) -> None:
+    """``got`` is the rank (0 = best) of ``scores[index]`` in ``scores`` ``[V]``, up to near ties."""
+    target = scores[index]
+    low = int((scores > target + tol).sum())
+    high = int((scores > target - tol).sum()) - 1  # the target itself is within tol of itself
+    assert low <= got <= high, f"rank {got} outside [{low}, {high}]"
+
+
+def assert_top_k(got_ids: torch.Tensor, scores: torch.Tensor, tol: float = TIE) -> None:
+    """``got_ids`` ``[k]`` are a top-k of ``scores`` ``[V]`` in order: their scores are the k best, up to near ties."""
+    best = scores.topk(len(got_ids)).values
+    torch.testing.assert_close(scores[got_ids], best, rtol=0, atol=tol)
+
+
+def assert_cached_decoding_matches_full_passes(model, ids: torch.Tensor, max_new_tokens: int, reference=None) -> torch.Tensor:
+    """Greedy cached decoding of ``model`` as it is hooked now, checked step by step against one full
+    uncached pass over the tokens it produced (of ``reference`` when given, e.g. a model built with a
+    program's blocks). Logits are compared, not tokens: the cached and full paths sum in different
+    orders, and a near tie would flip a token without anything being wrong. Returns the sequence."""
+    out = model.generate(
+        ids, use_cache=True, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=model.config.eos_token_id, output_logits=True, return_dict_in_generate=True,
+    )
+    cached = torch.cat(out.logits)  # [new, V]: the logits each decode step chose from (EOS may end it early)
+    first = ids.shape[1] - 1
+    full = (reference or model)(out.sequences, use_cache=False).logits[0, first : first + len(cached)]  # [new, V]
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+    return out.sequences

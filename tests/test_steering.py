@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import assert_cached_decoding_matches_full_passes, make_model
 from lens.interventions import ActAdd, LayerProgram, SteeringVector, compose, hook_count
 from lens.residuals import capture_residuals
 
@@ -66,12 +66,9 @@ def test_actadd_tensor_follows_the_recipe(tokenizer):
 @pytest.mark.parametrize("prompt", ["The quick brown fox jumps", "Lo"])
 def test_cached_generation_matches_uncached(tiny_model, tokenizer, prompt):
     ids = ids_for(tokenizer, prompt)  # "Lo" is shorter than the steering: decode steps inside it are steered
-    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    plain = tiny_model.generate(ids, **kwargs)
+    plain = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with ActAdd(tiny_model, tokenizer, [("Packages are installed with apt", "Love")], layer=1, coefficient=6.0):
-        cached = tiny_model.generate(ids, use_cache=True, **kwargs)
-        uncached = tiny_model.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
+        cached = assert_cached_decoding_matches_full_passes(tiny_model, ids, max_new_tokens=8)
     assert not torch.equal(cached, plain), "steering this strong should change a greedy continuation"
     assert hook_count(tiny_model) == 0
 
@@ -79,12 +76,9 @@ def test_cached_generation_matches_uncached(tiny_model, tokenizer, prompt):
 def test_steering_vector_cached_generation(tiny_model, tokenizer):
     ids = ids_for(tokenizer, "The server")
     vec = SteeringVector.from_contrast(tiny_model, tokenizer, ["Love", "calm"], ["Hate", "anger"], layer=1)
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     vec.coefficient = 8.0
     with vec.applied(tiny_model):
-        cached = tiny_model.generate(ids, use_cache=True, **kwargs)
-        uncached = tiny_model.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
+        assert_cached_decoding_matches_full_passes(tiny_model, ids, max_new_tokens=6)
 
 
 def test_steering_vector_positions_and_methods(tokenizer, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from conftest import N_LAYERS, make_model
+from conftest import N_LAYERS, assert_cached_decoding_matches_full_passes, make_model
 from lens.arch import arch_spec, get_blocks
 from lens.interventions import LayerProgram, compose, hook_count
 from lens.interventions import surgery
@@ -63,12 +63,9 @@ def test_cached_generation_under_program(family, tokenizer, name):
     make, program = PROGRAMS[name]
     rebuilt = built_with_blocks(family, model, program)
     ids = ids_for(tokenizer, "The server")
-    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with make(model):
-        cached = model.generate(ids, use_cache=True, **kwargs)
-        uncached = model.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
-    assert torch.equal(cached, rebuilt.generate(ids, use_cache=True, **kwargs))
+        assert_cached_decoding_matches_full_passes(model, ids, max_new_tokens=5)  # the program's own cache
+        assert_cached_decoding_matches_full_passes(model, ids, max_new_tokens=5, reference=rebuilt)
 
 
 def test_cache_test_has_teeth_without_reindexing(tokenizer, monkeypatch):
@@ -83,6 +80,8 @@ def test_cache_test_has_teeth_without_reindexing(tokenizer, monkeypatch):
         nxt = step1.logits[:, -1:].argmax(-1)
         cached = model(nxt, cache=step1.cache, use_cache=True).logits[:, -1]
         full = model(torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1]
+        with pytest.raises(AssertionError, match="not close"):  # and the decoding check catches it
+            assert_cached_decoding_matches_full_passes(model, ids, max_new_tokens=5)
     assert not torch.allclose(cached, full, atol=1e-4)
 
 
@@ -97,12 +96,9 @@ def test_hybrid_layer_types_follow_the_program(tokenizer):
     model = prepare_model(AutoModelForCausalLM.from_config(config))
     assert isinstance(model.config.layer_types, list)
     ids = ids_for(tokenizer, "The server")
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with LayerProgram.repeat(model, 2, 3):
         assert len(model.config.layer_types) == 5
-        cached = model.generate(ids, use_cache=True, **kwargs)
-        uncached = model.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached, uncached)
+        assert_cached_decoding_matches_full_passes(model, ids, max_new_tokens=6)
     assert len(model.config.layer_types) == 3
 
 
