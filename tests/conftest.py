@@ -13,8 +13,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lens.model import prepare_model, prepare_tokenizer
-from lens.translators import TunedLens
+from lens.core.model import prepare_model, prepare_tokenizer
+from lens.core.translators import TunedLens
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. A lens reads the residual stream of a model. "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lens.config import DataConfig
-from lens.data import is_held_out, load_sequences, pack_sequences
+from lens.data.sequences import is_held_out, load_sequences, pack_sequences
 from lens.training.datamodule import LensDataModule
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lens.config import DataConfig
-from lens.data import iter_documents, load_sequences
-from lens.training.checkpointing import ResumableBatches
+from lens.data.documents import iter_documents
+from lens.data.sequences import load_sequences
+from lens.data.batches import ResumableBatches
 
 
 def jsonl(path, rows) -> str:
@@ -52,7 +53,7 @@ def test_non_utf8_bytes_are_replaced_with_a_warning(tmp_path, caplog):
 
 def test_missing_text_column_names_the_columns(tmp_path):
     cfg = DataConfig(dataset=jsonl(tmp_path / "c.jsonl", [{"body": "x", "id": 1}]), text_column="text")
-    with pytest.raises(KeyError, match=r"no column 'text' \(columns: \['body', 'id'\]\)"):
+    with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['body', 'id'\]\)"):
         list(iter_documents(cfg))
 
 

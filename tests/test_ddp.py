@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens.io import load_lens
-from lens.training.checkpointing import ResumableBatches
+from lens.artifacts.registry import load_lens
+from lens.data.batches import ResumableBatches
 from tiny_run import assert_same_lens, config, one_thread, overrides, train_in_process, train_py, write_tiny_inputs
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)

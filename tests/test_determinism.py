@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lens.training.checkpointing import ResumableBatches
+from lens.data.batches import ResumableBatches
 from tiny_run import one_thread, overrides, train_in_process, write_tiny_inputs
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)

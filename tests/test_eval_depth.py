@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import TEXT, clear_argmax, make_model, random_lens
 
-from lens.evaluate import evaluate_lenses
-from lens.eval_depth import evaluate_depth
-from lens.io import logit_lens_for, save_lens
-from lens.residuals import capture_residuals
-from lens.translators import TunedLens, Unembed
-
-ROOT = Path(__file__).resolve().parents[1]
+from lens.analysis.evaluate import evaluate_lenses
+from lens.analysis.depth import evaluate_depth
+from lens.cli import main as lens_cli
+from lens.artifacts.registry import save_lens
+from lens.core.translators import logit_lens_for
+from lens.core.residuals import capture_residuals
+from lens.core.translators import TunedLens, Unembed
 
 
 @pytest.fixture
@@ -31,7 +29,7 @@ def setup(tokenizer):
 def test_depth_metrics_match_direct_computation(setup, tokenizer):
     model, lens, seqs = setup
     lenses = {"tuned": lens, "logit": logit_lens_for(model)}
-    got = evaluate_depth(model, tokenizer, lenses, iter(list(seqs)), batch_size=2, transfer_tokens=15, progress=False)
+    got = evaluate_depth(model, tokenizer, lenses, iter(list(seqs)), batch_size=2, transfer_tokens=15, progress=False).to_json()
     unembed = Unembed(model)
     residuals, logits = capture_residuals(model, seqs)  # [L+1, n, T, d], [n, T, V]
     h = residuals[:, :, :-1].flatten(1, 2)  # [L+1, N, d]: every position that has a next token
@@ -62,7 +60,7 @@ def test_depth_metrics_match_direct_computation(setup, tokenizer):
         for i, j in ((0, 0), (1, 2), (2, 0)):
             log_q = unembed(lens.translate_layer(first[j], i)).double().log_softmax(-1)
             assert t["ce"][i][j] == pytest.approx(-log_q.gather(-1, targets[:15, None]).mean().item(), rel=1e-5, abs=1e-6)
-    assert "transfer" not in evaluate_depth(model, tokenizer, {"logit": lenses["logit"]}, iter(list(seqs)), progress=False)
+    assert evaluate_depth(model, tokenizer, {"logit": lenses["logit"]}, iter(list(seqs)), progress=False).transfer is None
 
 
 def near_tie_cells(model, lens, seqs) -> torch.Tensor:
@@ -79,8 +77,8 @@ def near_tie_cells(model, lens, seqs) -> torch.Tensor:
 def test_streaming_batches_and_foundation_agree(setup, tokenizer):
     model, lens, seqs = setup
     lenses = {"tuned": lens}
-    one = evaluate_depth(model, tokenizer, lenses, (s for s in seqs), batch_size=5, transfer_tokens=0, progress=False)
-    many = evaluate_depth(model, tokenizer, lenses, (s for s in seqs), batch_size=2, transfer_tokens=0, progress=False)
+    one = evaluate_depth(model, tokenizer, lenses, (s for s in seqs), batch_size=5, transfer_tokens=0, progress=False).to_json()
+    many = evaluate_depth(model, tokenizer, lenses, (s for s in seqs), batch_size=2, transfer_tokens=0, progress=False).to_json()
     a, b = one["lenses"]["tuned"], many["lenses"]["tuned"]
     # the final layer's KL to itself is 0 up to rounding in either batching (clamped at 0, never below)
     for metric in ("ce", "kl", "entropy"):
@@ -92,27 +90,27 @@ def test_streaming_batches_and_foundation_agree(setup, tokenizer):
         assert abs(a["agreement"][layer] - b["agreement"][layer]) * n_tokens <= n_ties + 1e-6
     shifted = sum(abs(x - y) for x, y in zip(a["depth_histogram"], b["depth_histogram"]))
     assert shifted <= 2 * int(ties.sum())  # each flipped token moves one count from one bin to another
-    base = evaluate_lenses(model, lenses, seqs, batch_size=2, progress=False)["lenses"]["tuned"]
+    base = evaluate_lenses(model, lenses, seqs, batch_size=2, progress=False).to_json()["lenses"]["tuned"]
     assert a["ce"] == pytest.approx(base["ce"], rel=1e-6, abs=1e-7)
     assert a["kl"] == pytest.approx(base["kl"], rel=1e-5, abs=1e-7)
     with pytest.raises(ValueError, match="empty"):
         evaluate_depth(model, tokenizer, lenses, iter([]), progress=False)
 
 
-def test_eval_script_on_a_corpus(tmp_path, tokenizer, corpus_file):
+def test_eval_command_on_a_corpus(tmp_path, tokenizer, corpus_file, capsys):
     model = make_model("llama")
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     save_lens(TunedLens.for_model(model), tmp_path / "lens")
-    script = runpy.run_path(str(ROOT / "eval" / "eval_lens.py"), run_name="as_module")
-    out = tmp_path / "out"
-    script["main"](
+    out = tmp_path / "out" / "run"
+    lens_cli(
         [
-            f"model.name={tmp_path / 'model'}", f"lens_path={tmp_path / 'lens'}", f"data.dataset={corpus_file}",
-            "data.seq_len=16", "data.eval_percent=50", "sequences=6", "batch_size=4", "transfer_tokens=20",
-            "transfer_stride=2", f"out_dir={out}",
+            "eval", f"model.name={tmp_path / 'model'}", f"lens={tmp_path / 'lens'}", f"data.dataset={corpus_file}",
+            "data.seq_len=16", "data.eval_percent=50", "sequences=6", "data.batch_size=4", "transfer_tokens=20",
+            "transfer_stride=2", f"output_dir={tmp_path / 'out'}", "run_name=run",
         ]
     )
+    assert f"wrote {out}" in capsys.readouterr().out
     results = json.loads((out / "eval_depth.json").read_text())
     assert set(results["lenses"]) == {"tuned", "logit"}
     assert results["tokens"] == 6 * 15 and results["bytes"] > 0

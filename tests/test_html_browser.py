@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lens.html_report import write_html
+from lens.report.html import write_html
+from lens.core.translators import logit_lens_for
 from lens.interventions import ActAdd
-from lens.io import logit_lens_for
-from lens.picture import build_picture
+from lens.analysis.picture import build_picture
 from conftest import N_LAYERS, make_model
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -7,19 +7,21 @@ import torch
 
 from conftest import make_model
 from lens.config import ConfigError, TrainConfig, load_config
-from lens.io import load_lens, logit_lens_for, save_lens
-from lens.metrics import lens_token_stats
-from lens.residuals import capture_residuals
-from lens.train_lens import train
-from lens.translators import TunedLens, Unembed
+from lens.artifacts.registry import load_lens, save_lens
+from lens.core.translators import logit_lens_for
+from lens.core.metrics import Reading, lens_token_stats
+from lens.core.residuals import capture_residuals
+from lens.training.lens_run import train
+from lens.core.translators import TunedLens, Unembed
 
 
 def test_untrained_tuned_lens_equals_logit_lens(tiny_model):
     residuals, logits = capture_residuals(tiny_model, torch.randint(0, 300, (2, 9)))
     residuals = residuals.flatten(1, 2)
     unembed = Unembed(tiny_model)
-    tuned = lens_token_stats(TunedLens.for_model(tiny_model), unembed, residuals, logits.flatten(0, 1), top_k=3)
-    logit = lens_token_stats(logit_lens_for(tiny_model), unembed, residuals, logits.flatten(0, 1), top_k=3)
+    reading = Reading(residuals, logits.flatten(0, 1))
+    tuned = lens_token_stats(TunedLens.for_model(tiny_model), unembed, reading, top_k=3)
+    logit = lens_token_stats(logit_lens_for(tiny_model), unembed, reading, top_k=3)
     for key in tuned:
         assert torch.equal(tuned[key], logit[key]), key
     # The final layer read by any lens is the model's own prediction, exactly.
@@ -32,23 +34,26 @@ def test_safetensors_round_trip_is_exact(tiny_model, tmp_path):
     with torch.no_grad():
         lens.weight.normal_(std=0.1)
         lens.bias.normal_()
-    save_lens(lens, tmp_path / "run", {"base_model": "tiny"})
+    save_lens(lens, tmp_path / "run", tiny_model)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json", "lens.safetensors"]
     loaded = load_lens(tmp_path / "run", model=tiny_model)
     residuals, _ = capture_residuals(tiny_model, torch.randint(0, 300, (1, 7)))
     assert torch.equal(lens.translate(residuals), loaded.translate(residuals))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["num_layers"] == 3 and config["hidden_size"] == 32 and "torch" in config["versions"]
+    assert config["kind"] == "tuned_lens" and config["tensors"] == {"weight": [3, 32, 32], "bias": [3, 32]}
 
 
 def test_mismatched_lens_and_model_fail_clearly(tmp_path):
-    save_lens(TunedLens.for_model(make_model("llama", n_layers=3)), tmp_path / "l3", {"base_model": "tiny-3"})
-    with pytest.raises(ValueError, match=r"tiny-3.*layers: lens 3 vs model 2"):
+    model = make_model("llama", n_layers=3)
+    model.config.name_or_path = "tiny-3"
+    save_lens(TunedLens.for_model(model), tmp_path / "l3", model)
+    with pytest.raises(ValueError, match=r"tiny-3.*blocks: 3 vs model 2"):
         load_lens(tmp_path / "l3", model=make_model("llama", n_layers=2))
 
 
 def test_missing_and_corrupt_lens_files(tmp_path, tiny_model):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="nothing is not a folder: a saved tuned_lens is a folder"):
         load_lens(tmp_path / "nothing")
     folder = save_lens(TunedLens.for_model(tiny_model), tmp_path / "run")
     data = (folder / "lens.safetensors").read_bytes()
@@ -86,15 +91,15 @@ def tiny_run(tmp_path, tokenizer, corpus_file):
 
 def test_training_beats_logit_lens_on_held_out(tiny_run, tmp_path):
     cfg = tiny_run("run_name=zero", "lens.init=zero", "optim.num_steps=40")
-    results = train(cfg)
-    tuned, logit = results["lenses"]["tuned"], results["lenses"]["logit"]
-    assert tuned["mean_kl"] < 0.8 * logit["mean_kl"]
+    results = train(cfg).evaluation
+    tuned, logit = results.lenses["tuned"], results.lenses["logit"]
+    assert tuned.mean_kl < 0.8 * logit.mean_kl
     run_dir = tmp_path / "out" / "zero"
     assert {"lens.safetensors", "config.json", "eval.json", "eval.png", "tensorboard"} <= {p.name for p in run_dir.iterdir()}
-    assert json.loads((run_dir / "eval.json").read_text())["lenses"]["tuned"]["mean_kl"] == tuned["mean_kl"]
+    assert json.loads((run_dir / "eval.json").read_text())["lenses"]["tuned"]["mean_kl"] == tuned.mean_kl
     assert list(run_dir.glob("*.tmp")) == []
 
 
 def test_closed_form_start_beats_logit_lens_without_steps(tiny_run):
-    results = train(tiny_run("run_name=lstsq", "lens.init=lstsq", "optim.num_steps=0", "lens.lstsq_sequences=16"))
-    assert results["lenses"]["tuned"]["mean_kl"] < 0.8 * results["lenses"]["logit"]["mean_kl"]
+    results = train(tiny_run("run_name=lstsq", "lens.init=lstsq", "optim.num_steps=0", "lens.lstsq_sequences=16")).evaluation
+    assert results.lenses["tuned"].mean_kl < 0.8 * results.lenses["logit"].mean_kl

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lens.io import load_lens, save_lens
+from lens.artifacts.registry import load_lens, save_lens
 from lens.training.checkpointing import AtomicCheckpointIO, last_checkpoint
 from lens.training.guards import NonFiniteLossError
 from lens.training.module import TunedLensModule
-from lens.translators import TunedLens
+from lens.core.translators import TunedLens
 from tiny_run import config, one_thread, overrides, train_in_process, write_tiny_inputs
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lens.html_report import write_html
+from lens.report.html import write_html
 from lens.interventions import ActAdd, LayerProgram, hook_count
-from lens.io import logit_lens_for
-from lens.picture import build_picture
-from lens.plots import plot_final_token_loss, plot_token_heatmaps
-from lens.steer_eval import evaluate_steering, mean_difference_ci, program_losses, sequence_logprobs, t_quantile
-from lens.translators import TunedLens
+from lens.analysis.picture import build_picture
+from lens.report.plots import plot_final_token_loss, plot_token_heatmaps
+from lens.analysis.intervention_eval import evaluate_intervention, mean_difference_ci, program_losses, sequence_logprobs, t_quantile
+from lens.cli import main as lens_cli
+from lens.core.translators import TunedLens, logit_lens_for
 from conftest import N_LAYERS, make_model
 
 TEXT = "Love and hate, anger and calm: a steering vector adds one to the other."
@@ -100,7 +100,7 @@ def test_t_quantile_matches_tables():
 def test_logprob_difference_ci_matches_the_direct_formula():
     gen = torch.Generator().manual_seed(0)
     diffs = torch.randn(12, generator=gen) * 0.3 + 0.1
-    ci = mean_difference_ci(diffs, confidence=0.95)
+    ci = mean_difference_ci(diffs, confidence=0.95).to_json()
     x = diffs.double().numpy()
     half = 2.200985 * x.std(ddof=1) / math.sqrt(len(x))  # t_{0.975, 11} from tables
     assert ci["mean"] == pytest.approx(x.mean(), abs=1e-12)
@@ -113,7 +113,7 @@ def test_evaluate_steering_numbers_agree_with_direct_log_probs(tokenizer):
     model = make_model("llama")
     seqs = [torch.tensor(tokenizer(t)["input_ids"]) for t in (TEXT, "The server starts at boot time.", "Packages are installed with apt.")]
     act = steer(model, tokenizer)
-    res = evaluate_steering(model, seqs, lambda: act, lens=logit_lens_for(model))
+    res = evaluate_intervention(model, seqs, lambda: act, lens=logit_lens_for(model)).to_json()
     base = sequence_logprobs(model, seqs)
     with act:
         steered = sequence_logprobs(model, seqs)
@@ -123,23 +123,21 @@ def test_evaluate_steering_numbers_agree_with_direct_log_probs(tokenizer):
     assert res["perplexity"]["ratio"] == pytest.approx(math.exp(nll_s - nll_b), rel=1e-6, abs=1e-7)
     assert res["lens_shift"]["ce"]["shift"][-1] == pytest.approx(nll_s - nll_b, abs=1e-4)  # final row: model loss
     assert res["lens_shift"]["ce"]["shift"][0] == pytest.approx(0.0, abs=1e-6)  # before the injection
-    losses = program_losses(model, seqs, {"skip 1": lambda: LayerProgram.skip(model, 1, 2)})
+    losses = program_losses(model, seqs, {"skip 1": lambda: LayerProgram.skip(model, 1, 2)}).to_json()
     assert losses["intact"] == pytest.approx(nll_b, abs=1e-6)
     assert losses["programs"]["skip 1"]["increase"] != 0.0
     assert hook_count(model) == 0
 
 
 def test_steer_cli_writes_its_outputs(tokenizer, tmp_path, monkeypatch):
-    from lens import steer as steer_cli
-
     model_dir = tmp_path / "tiny"
     make_model("gpt2").save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT * 40, encoding="utf-8")
     monkeypatch.chdir(tmp_path)  # lens=auto looks for checkpoints/<model>/ here: there is none
-    steer_cli.main([
-        f"model.name={model_dir}", "run_name=r", "steering.layer=1", "steering.coefficient=-6",
+    lens_cli([
+        "steer", f"model.name={model_dir}", "run_name=r", "steering.layer=1", "steering.coefficient=-6",
         f"data.dataset={corpus}", "data.eval_percent=100", "data.seq_len=16", "eval.sequences=3",
         "generate.max_new_tokens=4", "picture.text='Love and hate: anger and calm.'", "eval.texts=[Love is all,Hate is all]",
         "eval.lens_shift=false", "picture.metrics=[ce]", "eval.skips=[[0,1]]",

@@ -9,21 +9,16 @@ import huggingface_hub.constants
 import pytest
 import torch
 from conftest import D_MODEL, N_LAYERS, make_model
+
+WEIGHTS = "lens.safetensors"
 from torch import nn
 
-from lens import convert as convert_cli
-from lens.io import CONFIG, WEIGHTS, read_lens_config
-from lens.pretrained import (
-    LensMismatchError,
-    LensNotFoundError,
-    convert,
-    hub_folder,
-    load_pretrained,
-    model_fingerprint,
-    unembed_fingerprint,
-)
-from lens.residuals import capture_residuals
-from lens.translators import Unembed
+from lens.artifacts.metadata import CONFIG, ArtifactMismatchError, ArtifactNotFoundError, model_fingerprint, unembed_fingerprint
+from lens.artifacts.registry import convert, load_lens, read_artifact
+from lens.artifacts.tuned_lens import hub_folder
+from lens.cli import main as lens_cli
+from lens.core.residuals import capture_residuals
+from lens.core.translators import Unembed
 
 
 def reference_state(n_layers: int = N_LAYERS, d: int = D_MODEL, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -72,10 +67,10 @@ def test_converted_lens_matches_tuned_lens_formula(family, tl_folder, tmp_path):
     state = reference_state()
     out = convert(tl_folder, tmp_path / "ours", model)
     assert sorted(p.name for p in out.iterdir()) == [CONFIG, WEIGHTS]
-    config = read_lens_config(out)
-    assert config["unembed_sha256"] == model_fingerprint(model)
-    assert (config["num_layers"], config["hidden_size"]) == (N_LAYERS, D_MODEL)
-    lens = load_pretrained(out, model)
+    record = read_artifact(out).meta.model
+    assert record.unembed_sha256 == model_fingerprint(model)
+    assert (record.num_layers, record.hidden_size) == (N_LAYERS, D_MODEL)
+    lens = load_lens(out, model)
     ids = torch.randint(0, 300, (2, 9))
     residuals, _ = capture_residuals(model, ids)  # [L+1, 2, 9, d]
     unembed = Unembed(model)
@@ -86,7 +81,7 @@ def test_converted_lens_matches_tuned_lens_formula(family, tl_folder, tmp_path):
             torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
             # the translator does something: the logit lens would be far off
             assert (unembed(residuals[layer]) - expected).abs().max() > 1e-2
-    direct = load_pretrained(tl_folder, model)  # the tuned-lens folder loads without conversion too
+    direct = load_lens(tl_folder, model)  # the tuned-lens folder loads without conversion too
     torch.testing.assert_close(direct.weight, lens.weight)
     torch.testing.assert_close(direct.bias, lens.bias)
 
@@ -95,11 +90,12 @@ def test_convert_cli_with_model_folder(tl_folder, tmp_path, tokenizer, capsys):
     model = make_model("gpt2")
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    convert_cli.main([str(tl_folder), str(tmp_path / "ours"), "--model", str(tmp_path / "model")])
+    lens_cli(["convert", str(tl_folder), str(tmp_path / "ours"), f"model={tmp_path / 'model'}"])
     assert "fingerprint" in capsys.readouterr().out
-    assert read_lens_config(tmp_path / "ours")["unembed_sha256"] == model_fingerprint(model)
-    with pytest.raises(SystemExit, match="exists and is not empty"):
-        convert_cli.main([str(tl_folder), str(tmp_path / "ours")])
+    assert read_artifact(tmp_path / "ours").meta.model.unembed_sha256 == model_fingerprint(model)
+    with pytest.raises(SystemExit) as exit_:
+        lens_cli(["convert", str(tl_folder), str(tmp_path / "ours")])
+    assert exit_.value.code == 2 and "exists and is not empty" in capsys.readouterr().err
 
 
 def test_fingerprint_sees_every_weight():
@@ -115,20 +111,20 @@ def test_fingerprint_sees_every_weight():
 def test_lens_for_another_model_is_refused(tl_folder, tmp_path):
     model, other = make_model("gpt2", seed=0), make_model("gpt2", seed=1)  # same shapes, other weights
     out = convert(tl_folder, tmp_path / "ours", model)
-    with pytest.raises(LensMismatchError) as err:
-        load_pretrained(out, other)
+    with pytest.raises(ArtifactMismatchError) as err:
+        load_lens(out, other)
     message = str(err.value)
     assert model_fingerprint(model)[:16] in message and model_fingerprint(other)[:16] in message
     assert "allow_mismatch" in message
-    assert load_pretrained(out, other, allow_mismatch=True).n_layers == N_LAYERS
-    with pytest.raises(LensMismatchError):
+    assert load_lens(out, other, allow_mismatch=True).n_layers == N_LAYERS
+    with pytest.raises(ArtifactMismatchError):
         convert(out, tmp_path / "again", other)
     assert not (tmp_path / "again").exists()
 
 
 def test_shape_mismatch_names_both_sides(tl_folder):
-    with pytest.raises(ValueError, match="layers: lens 3 vs model 4"):
-        load_pretrained(tl_folder, make_model("gpt2", n_layers=4))
+    with pytest.raises(ValueError, match="blocks: 3 vs model 4"):
+        load_lens(tl_folder, make_model("gpt2", n_layers=4))
 
 
 class Payload:
@@ -207,7 +203,7 @@ def test_bad_params_are_refused_and_nothing_is_written(kind, message, tmp_path):
 def test_bad_tuned_lens_config(config, message, tl_folder):
     (tl_folder / "config.json").write_text(config)
     with pytest.raises(ValueError, match=message):
-        load_pretrained(tl_folder)
+        load_lens(tl_folder)
 
 
 def test_truncated_safetensors_is_refused(tl_folder, tmp_path):
@@ -215,15 +211,14 @@ def test_truncated_safetensors_is_refused(tl_folder, tmp_path):
     weights = out / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        load_pretrained(out)
+        load_lens(out)
 
 
 def test_failed_write_leaves_nothing(tl_folder, tmp_path, monkeypatch):
-    def broken_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half")
+    def disk_full(fd: int) -> None:  # the weights are half on disk when the error comes
         raise OSError("disk full")
 
-    monkeypatch.setattr("lens.io.save_file", broken_save)
+    monkeypatch.setattr("lens.artifacts.files.os.fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
         convert(tl_folder, tmp_path / "out" / "lens")
     assert list((tmp_path / "out").iterdir()) == []
@@ -244,8 +239,8 @@ def test_overwrite_replaces_whole_folder(tl_folder, tmp_path):
 def test_hub_id_offline_says_what_to_download(tmp_path, monkeypatch):
     monkeypatch.setenv("LENS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(LensNotFoundError) as err:
-        load_pretrained("EleutherAI/no-such-model")
+    with pytest.raises(ArtifactNotFoundError) as err:
+        load_lens("EleutherAI/no-such-model")
     message = str(err.value)
     for part in ("params.pt", "config.json", "AlignmentResearch/tuned-lens", "lens/EleutherAI/no-such-model/"):
         assert part in message
@@ -253,16 +248,16 @@ def test_hub_id_offline_says_what_to_download(tmp_path, monkeypatch):
     assert str(target) in message
     # following the instructions works, still offline
     write_tuned_lens(target, reference_state())
-    assert load_pretrained("EleutherAI/no-such-model", make_model("gpt2")).n_layers == N_LAYERS
+    assert load_lens("EleutherAI/no-such-model", make_model("gpt2")).n_layers == N_LAYERS
 
 
 @pytest.mark.parametrize("bad_id", ["../../etc", "a/b/c", "", "gpt2/.."])
 def test_odd_ids_are_refused(bad_id, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(LensNotFoundError):
-        load_pretrained(bad_id)
+    with pytest.raises(ArtifactNotFoundError):
+        load_lens(bad_id)
 
 
 def test_folder_without_lens_files(tmp_path):
-    with pytest.raises(LensNotFoundError, match="holds neither"):
-        load_pretrained(tmp_path)
+    with pytest.raises(ArtifactNotFoundError, match="holds none of"):
+        load_lens(tmp_path)

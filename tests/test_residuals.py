@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import BertConfig, BertLMHeadModel
 
-from lens.arch import get_blocks, get_final_norm, get_unembed
-from lens.model import prepare_model
-from lens.residuals import capture_residuals
+from lens.core.arch import get_blocks, get_final_norm, get_unembed
+from lens.core.model import prepare_model
+from lens.core.residuals import capture_residuals
 
 
 def test_residuals_are_raw_block_outputs(tiny_model):

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from lens.io import atomic_path, load_lens, save_lens
-from lens.model import load_model
-from lens.train_lens import train
+from lens.artifacts.files import atomic_path
+from lens.artifacts.registry import load_lens, save_lens
+from lens.core.model import load_model
+from lens.training.lens_run import train
 from lens.training.checkpointing import AtomicCheckpointIO, last_checkpoint
-from lens.translators import TunedLens
+from lens.core.translators import TunedLens
 from tiny_run import assert_same_lens, config, one_thread, overrides, train_in_process, train_py, write_tiny_inputs
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -92,7 +92,7 @@ def test_resume_under_changed_settings_is_refused(inputs, tmp_path):
 
 def test_resume_path_that_does_not_exist_is_an_error(inputs, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        train(config(overrides(inputs, tmp_path, "x")), resume_from=tmp_path / "nope.ckpt")
+        train(config(overrides(inputs, tmp_path, "x", f"resume_from={tmp_path / 'nope.ckpt'}")))
 
 
 def killed_while_writing(write) -> None:
@@ -130,13 +130,11 @@ def test_kill_during_lens_save_keeps_the_old_lens(tmp_path, monkeypatch):
         old.bias.fill_(1.0)
     save_lens(old, tmp_path)
 
-    def half_then_die(tensors, path, metadata=None):
-        save_file(tensors, path, metadata)
-        with open(path, "r+b") as f:
-            f.truncate(os.path.getsize(path) // 2)
+    def half_then_die(fd: int) -> None:  # the new weights are written, not yet renamed into place
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
         die()
 
-    monkeypatch.setattr("lens.io.save_file", half_then_die)
+    monkeypatch.setattr("lens.artifacts.files.os.fsync", half_then_die)
     killed_while_writing(lambda: save_lens(TunedLens(2, 4), tmp_path))
     assert_same_lens(load_lens(tmp_path), old, atol=0)
 

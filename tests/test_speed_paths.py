@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from lens.closed_form import RidgeStats
+from lens.core.closed_form import RidgeStats
 from conftest import random_lens
-from lens.metrics import StreamingKL, lens_kl_loss, lens_kl_loss_reference
-from lens.residuals import capture_residuals
-from lens.translators import TunedLens, Unembed
+from lens.core.metrics import StreamingKL, lens_kl_loss, lens_kl_loss_reference
+from lens.core.residuals import capture_residuals
+from lens.core.translators import TunedLens, Unembed
 
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import assert_cached_decoding_matches_full_passes, make_model
+from lens.artifacts.registry import load_lens
 from lens.interventions import ActAdd, LayerProgram, SteeringVector, compose, hook_count
-from lens.residuals import capture_residuals
+from lens.core.residuals import capture_residuals
 
 PAIRS = [("Love and calm", "Hate")]
 
@@ -92,24 +93,31 @@ def test_steering_vector_positions_and_methods(tokenizer, tmp_path):
 
     ids = ids_for(tokenizer)
     base, _ = capture_residuals(model, ids)
-    vec = SteeringVector(mean.vector, layer=2, coefficient=2.0, min_token_index=3, metadata=mean.metadata)
+    vec = SteeringVector(mean.vector, layer=2, coefficient=2.0, min_token_index=3, metadata=mean.metadata, built_for=mean.built_for)
     with vec.applied(model):
         steered, _ = capture_residuals(model, ids)
     torch.testing.assert_close(steered[2, 0, :3], base[2, 0, :3])
     torch.testing.assert_close(steered[2, 0, 3:] - base[2, 0, 3:], (2.0 * mean.vector).expand(ids.shape[1] - 3, -1))
 
-    path = vec.save(tmp_path / "love.safetensors")
+    path = vec.save(tmp_path / "love")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "vector.safetensors"]
     loaded = SteeringVector.load(path, model=model)
     assert torch.equal(loaded.vector, vec.vector)
     assert (loaded.layer, loaded.coefficient, loaded.min_token_index) == (2, 2.0, 3)
     assert loaded.metadata["positives"] == pos and loaded.metadata["method"] == "mean"
-    with pytest.raises(ValueError, match="built for model 'gpt2', not 'llama'"):
+    with pytest.raises(ValueError, match=r"made for gpt2 \(unembedding sha256 .*but llama has"):
         SteeringVector.load(path, model=make_model("llama"))
-    with pytest.raises(ValueError, match="3-block model, this one has 4"):
+    with pytest.raises(ValueError, match="blocks: 3 vs model 4"):
         SteeringVector.load(path, model=make_model("gpt2", n_layers=4))
-    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(ValueError, match="not a steering vector file"):
-        SteeringVector.load(tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="holds a steering_vector, not a tuned_lens"):
+        load_lens(path)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "vector.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        SteeringVector.load(tmp_path / "junk")
+    (tmp_path / "junk" / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        SteeringVector.load(tmp_path / "junk")
 
 
 def test_hooks_removed_after_exception(tiny_model, tokenizer):

@@ -7,12 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from conftest import N_LAYERS, assert_cached_decoding_matches_full_passes, make_model
-from lens.arch import arch_spec, get_blocks
+from lens.core.arch import arch_spec, get_blocks
 from lens.interventions import LayerProgram, compose, hook_count
 from lens.interventions import surgery
-from lens.model import prepare_model
-from lens.residuals import capture_residuals
-from lens.span_translator import SpanTranslator
+from lens.core.model import prepare_model
+from lens.core.residuals import capture_residuals
+from lens.core.translators import SpanTranslator
 
 
 def ids_for(tokenizer, text: str = "The quick brown fox jumps over the lazy dog") -> torch.Tensor:
@@ -110,7 +110,7 @@ def test_replace_with_zero_translator(family, tokenizer):
         assert torch.equal(model(ids, use_cache=False).logits, base)
     with LayerProgram.skip(model, 1, 3):
         skipped = model(ids, use_cache=False).logits
-    with SpanTranslator.for_span(model, 1, 3).replacing(model):
+    with LayerProgram.translated(model, SpanTranslator.for_span(model, 1, 3)):
         assert torch.equal(model(ids, use_cache=False).logits, skipped)
         assert len(get_blocks(model)) == 2
 
@@ -119,7 +119,7 @@ def test_restored_after_exception(family, tokenizer):
     model = make_model(family)
     blocks, count = get_blocks(model), model.config.num_hidden_layers
     with pytest.raises(RuntimeError, match="indexes 3 blocks but the model has 6 on entry"):
-        with compose(LayerProgram.repeat(model, 0, 4), SpanTranslator.for_span(model, 0, 0).replacing(model)):
+        with compose(LayerProgram.repeat(model, 0, 4), LayerProgram.translated(model, SpanTranslator.for_span(model, 0, 0))):
             raise AssertionError("a program built for 3 blocks must not run on the 6 of another program")
     with pytest.raises(KeyError):
         with LayerProgram.repeat(model, 0, 4):

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import runpy
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import assert_rank, assert_top_k, make_model, random_lens
 
-from lens.translators import LogitLens, TunedLens, Unembed
-from lens.trajectory import (
+from lens.artifacts.registry import save_lens
+from lens.cli import main as lens_cli
+from lens.core.translators import LogitLens, TunedLens, Unembed
+from lens.analysis.trajectory import (
     STATS,
     compare_readings,
     depth_histogram,
@@ -23,7 +23,6 @@ from lens.trajectory import (
 )
 
 LN2 = math.log(2)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def direct(p: list[float], q: list[float]) -> tuple[float, float, float]:
@@ -92,14 +91,15 @@ def test_prediction_depth_on_constructed_case():
 def tuned_setup(tokenizer):
     model = make_model("llama")
     lens = random_lens(model, seed=3, bias_std=0.3)
-    ids, residuals, logits = read_text(model, tokenizer, "The quick brown fox jumps over the lazy dog. A lens")
-    return model, lens, ids, residuals, logits
+    ids, reading = read_text(model, tokenizer, "The quick brown fox jumps over the lazy dog. A lens")
+    return model, lens, ids, reading
 
 
 def test_trajectory_statistics_match_direct_formulas(tuned_setup):
-    model, lens, ids, residuals, logits = tuned_setup
+    model, lens, ids, reading = tuned_setup
+    residuals, logits = reading.residuals, reading.final_logits
     unembed = Unembed(model)
-    traj = read_trajectory(lens, unembed, residuals, logits, ids, top_k=4, chunk=5)  # chunk < T on purpose
+    traj = read_trajectory(lens, unembed, ids, reading, top_k=4, chunk=5)  # chunk < T on purpose
     assert set(traj.stats) == set(STATS)
     n_rows, n_tok = residuals.shape[:2]
     log_final = logits.double().log_softmax(-1)  # [T, V]
@@ -131,7 +131,8 @@ def test_trajectory_statistics_match_direct_formulas(tuned_setup):
 
 
 def test_compare_readings_matches_full_distributions(tuned_setup):
-    model, lens, _, residuals, _ = tuned_setup
+    model, lens, _, reading = tuned_setup
+    residuals = reading.residuals
     unembed = Unembed(model)
     logit = LogitLens(lens.n_layers, lens.d_model)
     got = compare_readings(unembed, lens, residuals, logit, residuals, chunk=4)
@@ -150,19 +151,17 @@ def test_compare_readings_matches_full_distributions(tuned_setup):
         compare_readings(unembed, lens, residuals, logit, residuals[:, :3])
 
 
-def test_trajectory_script_writes_json_and_figures(tmp_path, tokenizer):
+def test_trajectory_command_writes_json_and_figures(tmp_path, tokenizer, capsys):
     model = make_model("gpt2")
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     lens = TunedLens.for_model(model)
     with torch.no_grad():
         lens.bias.normal_(0, 0.5)
-    from lens.io import save_lens
-
     save_lens(lens, tmp_path / "lens")
-    script = runpy.run_path(str(ROOT / "eval" / "trajectory.py"), run_name="as_module")
+    common = [f"model.name={tmp_path / 'model'}", f"output_dir={tmp_path}"]
     out = tmp_path / "out"
-    script["main"](["--model", str(tmp_path / "model"), "--lens", str(tmp_path / "lens"), "--out", str(out), "--text", "The quick brown fox"])
+    lens_cli(["trajectory", "The quick brown fox", *common, f"lens={tmp_path / 'lens'}", "run_name=out"])
     result = json.loads((out / "trajectory.json").read_text())
     n_tok = len(result["tokens"])
     assert result["lens"] == "tuned" and len(result["stats"]["entropy"]) == model.config.n_layer + 1
@@ -172,9 +171,12 @@ def test_trajectory_script_writes_json_and_figures(tmp_path, tokenizer):
     for name in ("trajectory.png", "trajectory.html", "trajectory_js.png"):
         assert (out / name).stat().st_size > 0
     # no lens given and none trained for this model: the logit lens, and no comparison
-    script["main"](["--model", str(tmp_path / "model"), "--out", str(tmp_path / "o2")])
+    lens_cli(["trajectory", *common, "run_name=o2"])
     assert json.loads((tmp_path / "o2" / "trajectory.json").read_text())["lens"] == "logit"
     assert not (tmp_path / "o2" / "trajectory_js.png").exists()
     # a lens that was asked for must exist: no silent fallback to the logit lens
-    with pytest.raises(FileNotFoundError, match="neither an existing folder"):
-        script["main"](["--model", str(tmp_path / "model"), "--lens", str(tmp_path / "absent"), "--out", str(tmp_path / "o3")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        lens_cli(["trajectory", *common, f"lens={tmp_path / 'absent'}", "run_name=o3"])
+    assert exit_.value.code == 2 and "absent': no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()

@@ -13,9 +13,9 @@ import torch
 
 from conftest import TEXT, make_model, make_tokenizer
 from lens.config import TrainConfig, load_config
-from lens.io import load_lens
-from lens.train_lens import train
-from lens.translators import TunedLens
+from lens.artifacts.registry import load_lens
+from lens.training.lens_run import train
+from lens.core.translators import TunedLens
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from lens.arch import get_blocks
+from lens.core.arch import n_blocks
 
 
 class Intervention:
@@ -74,13 +74,9 @@ def compose(*parts: Intervention) -> Intervention:
     return _Composed(parts)
 
 
-def n_layers(model: nn.Module) -> int:
-    return len(get_blocks(model))
-
-
 def check_injection_layer(model: nn.Module, layer: int) -> int:
     """Steering changes the residual after ``layer`` blocks, so valid layers are ``0..n_layers``."""
-    n = n_layers(model)
+    n = n_blocks(model)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
         raise ValueError(
             f"layer {layer!r} out of range: steering adds to the residual after `layer` blocks, "

@@ -14,24 +14,19 @@ layer 0, else a hook on the output of block ``layer-1``, placed before any other
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.arch import get_blocks
-from lens.interventions.base import Intervention, check_coefficient, check_injection_layer, n_layers
-from lens.io import atomic_path
-from lens.model import model_id
-from lens.residuals import block_hidden, block_input, capture_residuals
-
-STEERING_FORMAT_VERSION = 1
+from lens.artifacts.metadata import ArtifactError, ArtifactMeta, ModelRecord
+from lens.artifacts.registry import read_artifact, save_artifact
+from lens.core.arch import get_blocks, n_blocks
+from lens.core.residuals import block_hidden, block_input, capture_residuals
+from lens.interventions.base import Intervention, check_coefficient, check_injection_layer
 
 
 class ResidualAdd(Intervention):
@@ -179,22 +174,24 @@ class SteeringVector:
     coefficient: float = 1.0
     min_token_index: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
-    """How it was built: model id, block count, method, prompts. Checked against the model applied to."""
+    """How it was built: method, token index, prompts."""
+    built_for: ModelRecord | None = None
+    """The model it was read from (name, blocks, width, unembedding fingerprint); saved with it."""
 
     def check_fits(self, model: PreTrainedModel) -> None:
-        """Raise naming both sides when this vector was made for a model of another shape or name."""
+        """Raise naming both sides when this vector cannot steer ``model`` (width, blocks, layer, values);
+        the fingerprint is checked when a saved vector is loaded for a model."""
         d = model.config.hidden_size
         if self.vector.ndim != 1 or self.vector.shape[0] != d:
             raise ValueError(
                 f"steering vector has shape {tuple(self.vector.shape)}, but {type(model).__name__} "
                 f"needs a vector of width {d} (its hidden size)"
             )
-        built_for = self.metadata.get("model_id")
-        if built_for is not None and built_for != model_id(model):
-            raise ValueError(f"steering vector was built for model {built_for!r}, not {model_id(model)!r}")
-        built_layers = self.metadata.get("n_layers")
-        if built_layers is not None and built_layers != n_layers(model):
-            raise ValueError(f"steering vector was built for a {built_layers}-block model, this one has {n_layers(model)}")
+        if self.built_for is not None and self.built_for.num_layers != n_blocks(model):
+            raise ValueError(
+                f"steering vector was built for {self.built_for.base_model}, a {self.built_for.num_layers}-block model; "
+                f"this one has {n_blocks(model)}"
+            )
         check_injection_layer(model, self.layer)
         if self.min_token_index < 0:
             raise ValueError(f"min_token_index {self.min_token_index} must be >= 0 (an absolute token position)")
@@ -253,49 +250,23 @@ class SteeringVector:
             vector = pc * (diffs.mean(0) @ pc)
         else:
             raise ValueError(f"method must be 'mean' or 'pca', got {method!r}")
-        metadata = {
-            "model_id": model_id(model),
-            "n_layers": n_layers(model),
-            "method": method,
-            "token_index": token_index,
-            "positives": list(positives),
-            "negatives": list(negatives),
-        }
-        return cls(vector, layer, metadata=metadata)
+        metadata = {"method": method, "token_index": token_index, "positives": list(positives), "negatives": list(negatives)}
+        return cls(vector, layer, metadata=metadata, built_for=ModelRecord.of(model))
 
-    def save(self, path: str | Path) -> Path:
-        """One ``.safetensors`` file; the JSON metadata lives in its header."""
-        path = Path(path)
-        header = {
-            **self.metadata,
-            "format_version": STEERING_FORMAT_VERSION,
-            "hidden_size": int(self.vector.shape[0]),
-            "layer": self.layer,
-            "coefficient": self.coefficient,
-            "min_token_index": self.min_token_index,
-        }
-        with atomic_path(path) as tmp:
-            save_file({"vector": self.vector.detach().float().cpu().contiguous()}, str(tmp), metadata={"steering": json.dumps(header)})
-        return path
+    def save(self, folder: str | Path) -> Path:
+        """``vector.safetensors`` + ``config.json`` (the shared artifact record) in ``folder``."""
+        if self.built_for is None:
+            raise ArtifactError("this steering vector records no model: build it with from_contrast, or set built_for=ModelRecord.of(model)")
+        details = {**self.metadata, "layer": self.layer, "coefficient": self.coefficient, "min_token_index": self.min_token_index}
+        return save_artifact(folder, ArtifactMeta("steering_vector", self.built_for, {}, details), {"vector": self.vector})
 
     @classmethod
-    def load(cls, path: str | Path, model: PreTrainedModel | None = None) -> "SteeringVector":
-        """Read a saved vector; with ``model``, check it fits (width, model id, block count, layer)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"steering vector file {path} does not exist")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = json.loads((f.metadata() or {})["steering"])
-                vector = f.get_tensor("vector")
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a steering vector file written by SteeringVector.save ({err})") from err
-        if header.get("hidden_size") != vector.shape[0]:
-            raise ValueError(f"{path}: vector width {vector.shape[0]} disagrees with its header ({header.get('hidden_size')})")
-        layer, coefficient, start = header.pop("layer"), header.pop("coefficient"), header.pop("min_token_index")
-        for key in ("format_version", "hidden_size"):
-            header.pop(key, None)
-        steering = cls(vector, layer, coefficient, start, header)
+    def load(cls, src: str | Path, model: PreTrainedModel | None = None, allow_mismatch: bool = False) -> "SteeringVector":
+        """A saved vector; with ``model``, checked like every artifact (blocks, width, fingerprint) and for its layer."""
+        artifact = read_artifact(src, "steering_vector", model, allow_mismatch)
+        details = dict(artifact.meta.details)
+        layer, coefficient, start = details.pop("layer"), details.pop("coefficient"), details.pop("min_token_index")
+        steering = cls(artifact.tensors["vector"], layer, coefficient, start, details, artifact.meta.model)
         if model is not None:
             steering.check_fits(model)
         return steering

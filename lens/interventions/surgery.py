@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import operator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from lens.arch import get_blocks, set_blocks
-from lens.interventions.base import Intervention, n_layers
-from lens.residuals import block_input
+from lens.artifacts.registry import load_span_translator
+from lens.core.arch import get_blocks, n_blocks, set_blocks
+from lens.core.residuals import block_input
+from lens.core.translators import SpanTranslator, check_span
+from lens.interventions.base import Intervention
 
 Step = Union[int, nn.Module]
 """A program step: a block index of the intact model, or a module mapping residuals ``[..., d] -> [..., d]``."""
@@ -63,14 +67,6 @@ class _TranslatorSlot(nn.Module):
         return self.translator(block_input(args, kwargs))  # [B, T, d]
 
 
-def check_span(model: nn.Module, start: int, end: int) -> tuple[int, int]:
-    """A span ``start..end`` maps the residual after ``start`` blocks to the one after ``end`` blocks."""
-    n = n_layers(model)
-    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n):
-        raise ValueError(f"span {start!r}..{end!r} is not valid: need 0 <= start <= end <= {n} (blocks in the model)")
-    return start, end
-
-
 class LayerProgram(Intervention):
     """Run the model's blocks in the order ``program`` lists them (indices of the intact model)."""
 
@@ -78,11 +74,11 @@ class LayerProgram(Intervention):
         super().__init__()
         self.model = model
         self.program = self._check(model, program)
-        self.built_for = n_layers(model)
+        self.built_for = n_blocks(model)
 
     @staticmethod
     def _check(model: nn.Module, program: Sequence[Step]) -> list[Step]:
-        n = n_layers(model)
+        n = n_blocks(model)
         if isinstance(program, (str, bytes)) or not isinstance(program, Sequence):
             raise TypeError(f"program must be a sequence of block indices 0..{n - 1} or modules, got {program!r}")
         steps: list[Step] = []
@@ -106,12 +102,12 @@ class LayerProgram(Intervention):
     def skip(cls, model: nn.Module, start: int, end: int) -> "LayerProgram":
         """Drop blocks ``start..end-1``: the residual after ``start`` blocks goes on as if after ``end``."""
         start, end = check_span(model, start, end)
-        return cls(model, [*range(start), *range(end, n_layers(model))])
+        return cls(model, [*range(start), *range(end, n_blocks(model))])
 
     @classmethod
     def repeat(cls, model: nn.Module, block: int, times: int) -> "LayerProgram":
         """Run block ``block`` ``times`` times in a row (1 = intact model)."""
-        n = n_layers(model)
+        n = n_blocks(model)
         if not (isinstance(block, int) and 0 <= block < n):
             raise ValueError(f"block {block!r} out of range: valid blocks are 0..{n - 1}")
         if not (isinstance(times, int) and times >= 1):
@@ -121,7 +117,7 @@ class LayerProgram(Intervention):
     @classmethod
     def permute(cls, model: nn.Module, order: Sequence[int]) -> "LayerProgram":
         """Run every block exactly once, in ``order`` (a permutation of ``0..n_layers-1``)."""
-        n = n_layers(model)
+        n = n_blocks(model)
         if sorted(order) != list(range(n)):
             raise ValueError(f"order {list(order)!r} is not a permutation of the block indices 0..{n - 1}")
         return cls(model, list(order))
@@ -132,7 +128,18 @@ class LayerProgram(Intervention):
         start, end = check_span(model, start, end)
         if not isinstance(translator, nn.Module):
             raise TypeError(f"translator must be an nn.Module mapping [..., d] -> [..., d], got {type(translator).__name__}")
-        return cls(model, [*range(start), translator, *range(end, n_layers(model))])
+        return cls(model, [*range(start), translator, *range(end, n_blocks(model))])
+
+    @classmethod
+    def translated(cls, model: nn.Module, translator: SpanTranslator) -> "LayerProgram":
+        """The model with a span translator in place of the span it was made for."""
+        return cls.replace(model, translator.start, translator.end, translator)
+
+    @classmethod
+    def from_file(cls, model: PreTrainedModel, path: str | Path, allow_mismatch: bool = False) -> "LayerProgram":
+        """A saved span translator in place of its span, after the checks every artifact gets
+        (blocks, width, span, unembedding fingerprint of ``model``)."""
+        return cls.translated(model, load_span_translator(path, model, allow_mismatch))
 
     def apply(self) -> None:
         model, config = self.model, self.model.config

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerBase
 
 from lens.config import DataConfig
-from lens.data import load_sequences, token_sequences
-from lens.training.checkpointing import ResumableBatches
+from lens.data.batches import ResumableBatches
+from lens.data.sequences import load_sequences, token_sequences
 
 
 class LensDataModule(L.LightningDataModule):

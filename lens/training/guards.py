@@ -13,17 +13,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MODES = ("stop", "skip")
-
-
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or inf loss and ``trainer.on_nonfinite`` is ``stop``."""
-
-
-def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"trainer.on_nonfinite must be one of {MODES}, got {mode!r}")
-    return mode
 
 
 def nonfinite_parts(losses: torch.Tensor) -> list[int]:

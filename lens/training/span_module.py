@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from lens.config import OptimConfig
-from lens.residuals import capture_residuals
-from lens.span_translator import SpanTranslator, kl_to_teacher
+from lens.config import OptimConfig, SpanLoss
+from lens.core.metrics import kl_to_teacher
+from lens.core.residuals import capture_residuals
+from lens.core.translators import SpanTranslator
+from lens.interventions.surgery import LayerProgram
 from lens.training.module import FrozenModelModule
-
-LOSSES = ("kl", "mse")
 
 
 class SpanTranslatorModule(FrozenModelModule):
@@ -20,9 +20,7 @@ class SpanTranslatorModule(FrozenModelModule):
 
     part_name = "span"
 
-    def __init__(self, model: PreTrainedModel, translator: SpanTranslator, loss: str, optim: OptimConfig) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"span loss must be one of {LOSSES}, got {loss!r}")
+    def __init__(self, model: PreTrainedModel, translator: SpanTranslator, loss: SpanLoss, optim: OptimConfig) -> None:
         super().__init__(model, translator, optim)
         self.loss = loss
 
@@ -37,6 +35,6 @@ class SpanTranslatorModule(FrozenModelModule):
             return (t(residuals[t.start].float()) - residuals[t.end].float()).pow(2).mean()[None]
         with torch.no_grad():
             teacher_logp = model(input_ids, use_cache=False).logits.float().log_softmax(-1)  # [B, T, V]
-        with t.replacing(model):
+        with LayerProgram.translated(model, t):
             logits = model(input_ids, use_cache=False).logits  # [B, T, V]
         return kl_to_teacher(teacher_logp, logits).mean()[None]

@@ -1,0 +1,75 @@
+"""Held-out evaluation of lenses: per-layer cross-entropy, KL to the final layer, entropy, perplexity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from lens.analysis.layers import LayerMetrics, LayerSums
+from lens.core.metrics import Reading, lens_token_stats, next_token_targets
+from lens.core.residuals import capture_residuals
+from lens.core.translators import Lens, Unembed
+
+METRICS = ("ce", "kl", "entropy")
+
+
+@dataclass
+class ScoredBatch:
+    """One batch of held-out text with every lens' per-token statistics (positions with a next token)."""
+
+    ids: torch.Tensor  # [b, T]
+    reading: Reading  # float32, N = positions with a next token
+    stats: dict[str, dict[str, torch.Tensor]]  # lens name -> lens_token_stats output, [L+1, N] each
+
+
+@torch.no_grad()
+def scored_batches(model: PreTrainedModel, lenses: dict[str, Lens], batches: Iterable[torch.Tensor]) -> Iterator[ScoredBatch]:
+    """Run the frozen model once per batch and read it through every lens; the last position of each
+    sequence has no next token and is dropped."""
+    unembed = Unembed(model)
+    for ids in batches:
+        ids = ids.to(model.device)  # [b, T]
+        residuals, logits = capture_residuals(model, ids)
+        targets = next_token_targets(ids).flatten()  # [b*T]
+        keep = targets >= 0
+        reading = Reading(residuals.flatten(1, 2).float(), logits.flatten(0, 1).float(), targets).positions(keep)
+        yield ScoredBatch(ids, reading, {name: lens_token_stats(lens, unembed, reading) for name, lens in lenses.items()})
+
+
+@dataclass
+class LensEvaluation:
+    """Per-layer metrics of each lens on the same held-out tokens."""
+
+    tokens: int
+    lenses: dict[str, LayerMetrics]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "unit": "nats per token", "lenses": {name: m.to_json() for name, m in self.lenses.items()}}
+
+    def lines(self) -> list[str]:
+        return [
+            f"{name:>6} lens: mean KL over layers {m.mean_kl:.3f} nats, mean CE {m.mean_ce:.3f} nats ({self.tokens} held-out tokens)"
+            for name, m in self.lenses.items()
+        ]
+
+
+@torch.no_grad()
+def evaluate_lenses(
+    model: PreTrainedModel,
+    lenses: dict[str, Lens],
+    sequences: torch.Tensor,  # [n, T]
+    batch_size: int = 4,
+    progress: bool = True,
+) -> LensEvaluation:
+    """Mean per-layer metrics (nats) of each lens over held-out sequences."""
+    sums = {name: LayerSums() for name in lenses}
+    batches = tqdm(sequences.split(batch_size), desc="eval", disable=not progress)
+    for batch in scored_batches(model, lenses, batches):
+        for name, stats in batch.stats.items():
+            sums[name].add({m: stats[m] for m in METRICS})
+    tokens = next(iter(sums.values())).tokens
+    return LensEvaluation(tokens, {name: LayerMetrics.from_sums(s) for name, s in sums.items()})

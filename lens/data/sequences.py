@@ -1,0 +1,83 @@
+"""Documents in, fixed-length token sequences out, with a held-out split chosen per document.
+
+Documents are joined with the tokenizer's EOS and packed into ``seq_len`` chunks (the last
+partial chunk is dropped), as tuned-lens does. A document goes to the held-out split when a hash
+of its index says so, which needs no shuffle buffer and works the same when streaming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Iterable, Iterator
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lens.config import DataConfig
+from lens.data.documents import CorpusError, iter_documents
+
+log = logging.getLogger(__name__)
+
+
+def is_held_out(doc_index: int, eval_percent: float) -> bool:
+    digest = hashlib.blake2b(str(doc_index).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 10_000 < eval_percent * 100
+
+
+def pack_sequences(
+    documents: Iterable[str],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    held_out: bool,
+    eval_percent: float,
+) -> Iterator[torch.Tensor]:
+    """Yield ``[seq_len]`` token sequences from the train (or held-out) documents.
+
+    Empty documents (blank lines of wikitext, null rows) are skipped; how many is logged once the
+    pass ends, so a corpus that is mostly empty does not go unnoticed.
+    """
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    used = skipped = 0
+    try:
+        for index, text in enumerate(documents):
+            if is_held_out(index, eval_percent) != held_out:
+                continue
+            if not text or not text.strip():
+                skipped += 1
+                continue
+            used += 1
+            buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            buffer.append(eos)
+            while len(buffer) >= seq_len:
+                yield torch.tensor(buffer[:seq_len])
+                buffer = buffer[seq_len:]
+    finally:
+        if skipped:
+            split = "held-out" if held_out else "training"
+            log.warning("skipped %d empty %s documents (%d used so far)", skipped, split, used)
+
+
+def token_sequences(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool, limit: int | None
+) -> Iterator[torch.Tensor]:
+    sequences = pack_sequences(iter_documents(cfg), tokenizer, cfg.seq_len, held_out, cfg.eval_percent)
+    for count, seq in enumerate(sequences):
+        if limit is not None and count >= limit:
+            return
+        yield seq
+
+
+def load_sequences(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool, limit: int | None
+) -> torch.Tensor:
+    """All sequences of one split as ``[n, seq_len]``; an error if there are none."""
+    seqs = list(token_sequences(cfg, tokenizer, held_out, limit))
+    if not seqs:
+        split = "held-out" if held_out else "training"
+        raise CorpusError(
+            f"no {split} sequences of {cfg.seq_len} tokens from {cfg.dataset!r}: the corpus is too small "
+            "for data.seq_len, or data.eval_percent leaves that split empty"
+        )
+    return torch.stack(seqs)

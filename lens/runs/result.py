@@ -1,0 +1,25 @@
+"""What a run hands back: its folder and what it measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, Protocol, TypeVar
+
+
+class Lines(Protocol):
+    def lines(self) -> list[str]: ...
+
+
+M = TypeVar("M", bound=Lines)
+
+
+@dataclass
+class Measured(Generic[M]):
+    """A run's folder and its typed result; the CLI prints ``lines()`` then the folder."""
+
+    run_dir: Path
+    evaluation: M
+
+    def lines(self) -> list[str]:
+        return self.evaluation.lines()

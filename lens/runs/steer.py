@@ -1,0 +1,209 @@
+"""One steering run, read through a lens: ``lens steer --config configs/steer_<name>.yaml key=value ...``.
+
+Writes into ``<output_dir>/<run_name>/``: layer x token heatmaps (PNG, one per metric), the
+final-layer per-token loss plot, one interactive ``picture.html``, ``picture.json`` (the arrays)
+and ``summary.json`` (steering scale, greedy continuations, held-out evaluation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lens.analysis.intervention_eval import InterventionEvaluation, ProgramLosses, evaluate_intervention, program_losses
+from lens.analysis.picture import METRICS, InterventionFactory, build_picture
+from lens.artifacts.files import write_json
+from lens.artifacts.registry import resolve_lens
+from lens.config import SteerConfig, SteeringConfig, to_dict
+from lens.core.model import load_model
+from lens.core.residuals import capture_residuals
+from lens.data.sequences import load_sequences
+from lens.interventions import ActAdd, LayerProgram, ResidualAdd, SteeringVector
+from lens.report.html import write_html
+from lens.report.plots import plot_final_token_loss, plot_token_heatmaps
+
+
+def build_steering(cfg: SteeringConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ResidualAdd:
+    """The configured steering intervention (not yet applied)."""
+    if cfg.kind == "actadd":
+        pairs = [tuple(pair) for pair in cfg.pairs]
+        return ActAdd(model, tokenizer, pairs, layer=cfg.layer, coefficient=cfg.coefficient)  # type: ignore[arg-type]
+    if cfg.kind == "vector":
+        if cfg.vector_path:
+            vector = SteeringVector.load(cfg.vector_path, model)
+            vector.layer, vector.coefficient, vector.min_token_index = cfg.layer, cfg.coefficient, cfg.min_token_index
+        else:
+            vector = SteeringVector.from_contrast(
+                model, tokenizer, cfg.positives, cfg.negatives, layer=cfg.layer, method=cfg.method
+            )
+            vector.coefficient, vector.min_token_index = cfg.coefficient, cfg.min_token_index
+        return vector.applied(model)
+    raise AssertionError(f"unreachable: the schema admits no steering.kind {cfg.kind!r}")
+
+
+def describe(cfg: SteeringConfig) -> str:
+    """A one-line label for figure titles."""
+    if cfg.kind == "actadd":
+        what = " + ".join(f'"{plus}" - "{minus}"' for plus, minus in cfg.pairs)
+    else:
+        what = f"vector from {cfg.vector_path}" if cfg.vector_path else f"{cfg.method} contrast vector"
+    return f"{what} at layer {cfg.layer}, coefficient {cfg.coefficient:g}"
+
+
+@dataclass
+class SteeringScale:
+    """Norms of what steering adds next to the residual norms at the steered layer."""
+
+    layer: int
+    added_norms: list[float]
+    residual_norm_position0: float
+    residual_norm_median: float
+    """Median over positions >= 1 (position 0 is an attention sink, several times larger)."""
+
+    @property
+    def added_over_median(self) -> list[float]:
+        return [round(x / self.residual_norm_median, 3) for x in self.added_norms]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "added_over_median": self.added_over_median}
+
+
+@torch.no_grad()
+def steering_scale(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steer: ResidualAdd, text: str) -> SteeringScale:
+    """Norms of the added rows next to the residual norms at the steered layer, on ``text``.
+
+    Position 0 is reported apart: it is an attention sink whose norm is several times that of
+    the other positions, so the median over positions >= 1 is the fair yardstick.
+    """
+    rows, tail = steer.offsets()  # [k, d], [d] or None
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)  # [1, T]
+    residuals, _ = capture_residuals(model, ids)  # [L+1, 1, T, d]
+    norms = residuals[steer.layer, 0].float().norm(dim=-1)  # [T]
+    typical = float(norms[1:].median()) if norms.numel() > 1 else float(norms[0])
+    added = rows.float().norm(dim=-1).tolist() + ([float(tail.float().norm())] if tail is not None else [])
+    return SteeringScale(steer.layer, [round(x, 2) for x in added], round(float(norms[0]), 2), round(typical, 2))
+
+
+@dataclass
+class Continuations:
+    """Greedy continuations of one prompt, intact vs intervened."""
+
+    prompt: str
+    base: str
+    steered: str
+
+    def lines(self) -> list[str]:
+        return [f"base:    {self.prompt}{self.base!r}", f"steered: {self.prompt}{self.steered!r}"]
+
+
+@torch.no_grad()
+def continuations(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steer: InterventionFactory, prompt: str, max_new_tokens: int
+) -> Continuations:
+    """Greedy continuations of ``prompt`` by the intact and the steered model."""
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+    def generate() -> str:
+        out = model.generate(**enc, **kwargs)  # [1, T + new]
+        return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    base = generate()
+    with steer():
+        steered = generate()
+    return Continuations(prompt, base, steered)
+
+
+@dataclass
+class SteerResult:
+    """Everything a steer run measured; ``summary.json`` is its ``to_json()``."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    intervention: str
+    lens: str
+    scale: SteeringScale
+    picture: dict[str, Any]
+    """Unit, final-layer mean CE (base, intervened, diff) and the per-layer CE shift on the picture text."""
+    generation: Continuations | None = None
+    evaluations: dict[str, InterventionEvaluation] = field(default_factory=dict)
+    """``held_out`` (the corpus) and ``texts`` (the config's own texts)."""
+    programs: ProgramLosses | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "config": self.config,
+            "intervention": self.intervention,
+            "lens": self.lens,
+            "scale": self.scale.to_json(),
+            "picture": self.picture,
+        }
+        if self.generation is not None:
+            out["generation"] = asdict(self.generation)
+        if self.evaluations:
+            out["eval"] = {name: ev.to_json() for name, ev in self.evaluations.items()}
+        if self.programs is not None:
+            out["eval_programs"] = self.programs.to_json()
+        return out
+
+    def lines(self) -> list[str]:
+        final = self.picture["final_ce_mean"]
+        out = [
+            f"intervention: {self.intervention} ({self.lens} lens)",
+            f"added norm / median residual norm: {self.scale.added_over_median}",
+            f"picture text, final-layer CE: base {final['base']:.3f}, steered {final['intervened']:.3f} {self.picture['unit']}/token",
+        ]
+        out += self.generation.lines() if self.generation else []
+        out += [ev.line(name) for name, ev in self.evaluations.items()]
+        out += self.programs.lines() if self.programs else []
+        return out
+
+
+def steer(cfg: SteerConfig) -> SteerResult:
+    """Picture, figures, continuations and evaluation of one steering config."""
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
+    steering = build_steering(cfg.steering, model, tokenizer)
+    intervention = lambda: steering  # noqa: E731  one hook object, applied afresh for each forward pass
+    picture = build_picture(model, tokenizer, cfg.picture.text, lens, intervention, top_k=cfg.picture.top_k)
+
+    out, unit, label = cfg.run_dir, cfg.picture.unit, describe(cfg.steering)
+    for metric in cfg.picture.metrics:
+        title = f"{METRICS[metric]} through the {lens.kind} lens; intervention: {label}"
+        plot_token_heatmaps(picture, out / f"heatmap_{metric}.png", metric=metric, unit=unit, title=title)
+    plot_final_token_loss(picture, out / "final_loss.png", unit=unit, title=f"per-token loss of the model; {label}")
+    write_html(picture, out / "picture.html", unit=unit, title=f"{lens.kind} lens; intervention: {label}")
+    arrays = picture.summary(unit)
+    write_json(arrays, out / "picture.json")
+
+    result = SteerResult(
+        run_dir=out,
+        config=to_dict(cfg),
+        intervention=label,
+        lens=lens.kind,
+        scale=steering_scale(model, tokenizer, steering, cfg.picture.text),
+        picture={
+            "unit": unit,
+            "final_ce_mean": {s: arrays[s]["final_ce_mean"] for s in ("base", "intervened", "diff")},
+            "ce_layer_mean_shift": arrays["diff"]["ce_layer_mean"],
+        },
+    )
+    if cfg.generate.max_new_tokens > 0:
+        result.generation = continuations(model, tokenizer, intervention, cfg.generate.prompt, cfg.generate.max_new_tokens)
+    if cfg.eval.enabled:
+        held_out = list(load_sequences(cfg.data, tokenizer, held_out=True, limit=cfg.eval.sequences))  # [T] each
+        shift_lens = lens if cfg.eval.lens_shift else None
+        result.evaluations["held_out"] = evaluate_intervention(model, held_out, intervention, shift_lens, cfg.eval.confidence)
+        if cfg.eval.skips:
+            skips = {f"skip {i}..{j}": (lambda i=i, j=j: LayerProgram.skip(model, i, j)) for i, j in cfg.eval.skips}
+            result.programs = program_losses(model, held_out, skips)
+        if cfg.eval.texts:
+            texts = [tokenizer(t, return_tensors="pt")["input_ids"][0] for t in cfg.eval.texts]
+            result.evaluations["texts"] = evaluate_intervention(model, texts, intervention, None, cfg.eval.confidence)
+    write_json(result.to_json(), out / "summary.json")
+    return result
