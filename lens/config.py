@@ -73,9 +73,11 @@ def between(low: float, high: float, high_open: bool = False) -> Limit:
 
 
 class Checked:
-    """Mixin for schema dataclasses: ``LIMITS`` per numeric field, ``problems()`` for anything else."""
+    """Mixin for schema dataclasses: ``LIMITS`` per numeric field, ``NON_EMPTY`` text fields (with why
+    they cannot be empty), ``problems()`` for anything else. Subclasses add to their bases' rules."""
 
     LIMITS: ClassVar[Mapping[str, Limit]] = {}
+    NON_EMPTY: ClassVar[Mapping[str, str]] = {}
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """``(field, what is wrong)`` pairs beyond ``LIMITS``; none by default."""
@@ -232,10 +234,7 @@ class RunConfig(Checked):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
-    def problems(self) -> Iterator[tuple[str, str]]:
-        yield from super().problems()
-        if not self.run_name.strip():
-            yield "run_name", "must not be empty: it names the run's folder"
+    NON_EMPTY = {"run_name": "it names the run's folder"}
 
 
 @dataclass
@@ -396,11 +395,10 @@ class PictureConfig(Checked):
     """Heatmap PNGs written, one per metric."""
 
     LIMITS = {"top_k": at_least(1)}
+    NON_EMPTY = {"text": "the picture scores each token's prediction of the next"}
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from super().problems()
-        if not self.text.strip():
-            yield "text", "must not be empty: the picture scores each token's prediction of the next"
         if not self.metrics:
             yield "metrics", f"must list at least one of {list(get_args(Metric))}"
 
@@ -489,11 +487,7 @@ class TrajectoryConfig(RunConfig, ReadsLens):
     """Colour of the heatmap PNG."""
 
     LIMITS = {"top_k": at_least(1), "max_tokens": at_least(2)}
-
-    def problems(self) -> Iterator[tuple[str, str]]:
-        yield from super().problems()
-        if not self.text.strip():
-            yield "text", "must not be empty"
+    NON_EMPTY = {"text": "it is what the lens reads"}
 
 
 @dataclass
@@ -512,11 +506,7 @@ class ConvertConfig(Checked):
     overwrite: bool = False
     """Replace a non-empty output folder."""
 
-    def problems(self) -> Iterator[tuple[str, str]]:
-        yield from super().problems()
-        for name in ("src", "dst"):
-            if not getattr(self, name).strip():
-                yield name, "is required: lens convert SRC DST"
+    NON_EMPTY = {"src": "lens convert SRC DST", "dst": "lens convert SRC DST"}
 
 
 @dataclass
@@ -573,15 +563,25 @@ def _pick_kind(schemas: Mapping[str, type], layers: list) -> type:
     return schemas[kind]
 
 
+def _rules(cfg: Any, name: str) -> dict[str, Any]:
+    """A rule table (``LIMITS``, ``NON_EMPTY``) merged over the class and its bases, nearest first."""
+    merged: dict[str, Any] = {}
+    for cls in reversed(type(cfg).__mro__):
+        merged.update(cls.__dict__.get(name, {}))
+    return merged
+
+
 def check(cfg: Any, prefix: str = "") -> Iterator[str]:
-    """Every range and cross-field problem of a loaded config, as ``key=value: what is wrong``."""
-    limits = getattr(cfg, "LIMITS", {})
+    """Every range, emptiness and cross-field problem of a loaded config, as ``key=value: what is wrong``."""
+    limits, non_empty = _rules(cfg, "LIMITS"), _rules(cfg, "NON_EMPTY")
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if is_dataclass(value):
             yield from check(value, f"{prefix}{f.name}.")
         elif f.name in limits and isinstance(value, (int, float)) and not limits[f.name].test(value):
             yield f"{prefix}{f.name}={value!r} {limits[f.name].text}"
+        elif f.name in non_empty and isinstance(value, str) and not value.strip():
+            yield f"{prefix}{f.name}={value!r}: must not be empty: {non_empty[f.name]}"
     if isinstance(cfg, Checked):
         for name, why in cfg.problems():
             yield f"{prefix}{name}={getattr(cfg, name)!r}: {why}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import typing
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any, Mapping
 
 from lens.cli.commands import COMMANDS, Command
@@ -42,8 +42,7 @@ def key_lines(schema: type, prefix: str = "") -> list[str]:
         if is_dataclass(value):
             lines += key_lines(type(value), f"{prefix}{f.name}.")
             continue
-        shown = "required" if f.default is MISSING and f.default_factory is MISSING else repr(value)  # type: ignore[misc]
-        lines.append(f"  {prefix}{f.name}  ({describe_type(hints[f.name])}; default {shown})")
+        lines.append(f"  {prefix}{f.name}  ({describe_type(hints[f.name])}; default {value!r})")
         lines += [f"      {line}" for line in docs[f.name].splitlines()]
     return lines
 
