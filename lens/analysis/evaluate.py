@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, get_args
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lens.analysis.layers import LayerMetrics, LayerSums
+from lens.config import Metric
 from lens.core.metrics import Reading, lens_token_stats, next_token_targets
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
 
-METRICS = ("ce", "kl", "entropy")
+METRICS: tuple[str, ...] = get_args(Metric)
+"""Per-layer x token statistics every evaluation averages (``lens_token_stats`` keys)."""
 
 
 @dataclass
