@@ -1,5 +1,5 @@
-"""A run killed at a random moment and resumed ends with the lens an uninterrupted run makes;
-checkpoints hold translators only and are never left half-written."""
+"""A run stopped at any step (or killed at a random moment) and resumed ends with the bit-identical
+lens an uninterrupted run makes; checkpoints hold translators only and are never left half-written."""
 
 from __future__ import annotations
 
@@ -63,8 +63,53 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_lens(inputs, tmp_path):
     resumed = train_py([*args, "resume=true"], tmp_path / "second.log")
     assert resumed.wait(timeout=180) == 0, (tmp_path / "second.log").read_text()[-3000:]
     assert "starting from scratch" not in (tmp_path / "second.log").read_text()
-    assert_same_lens(load_lens(config(args).run_dir), reference, atol=1e-5)
+    assert_same_lens(load_lens(config(args).run_dir), reference, atol=0)
     assert checkpoint_step(ckpt) == STEPS
+
+
+class Crash(Exception):
+    """Stands in for a kill: the run stops here, leaving on disk what a killed run leaves."""
+
+
+EXACT_STEPS = 6
+EXACT = (f"optim.num_steps={EXACT_STEPS}", "trainer.val_every_n_steps=3", *RUN[1:])
+CRASH_POINTS = [("after checkpoint", k) for k in range(1, EXACT_STEPS)] + [("in validation", 3)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(inputs, tmp_path_factory) -> TunedLens:
+    return train_in_process(overrides(inputs, tmp_path_factory.mktemp("reference"), "reference", *EXACT))
+
+
+@pytest.mark.parametrize("where, step", CRASH_POINTS, ids=[f"{w} {k}" for w, k in CRASH_POINTS])
+def test_a_run_stopped_at_any_step_resumes_to_the_bit_identical_lens(inputs, tmp_path, monkeypatch, uninterrupted, where, step):
+    """Every step of a short run, validation steps (random positions drawn there too) included."""
+    from lens.training.module import TunedLensModule
+
+    if where == "after checkpoint":
+        save = AtomicCheckpointIO.save_checkpoint
+
+        def save_then_crash(self, checkpoint, path, storage_options=None):
+            save(self, checkpoint, path, storage_options)
+            if checkpoint["global_step"] == step:
+                raise Crash
+
+        monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save_then_crash)
+    else:
+        validate = TunedLensModule.validation_step
+
+        def validate_then_crash(self, batch, batch_idx):
+            validate(self, batch, batch_idx)
+            if self.global_step == step:
+                raise Crash
+
+        monkeypatch.setattr(TunedLensModule, "validation_step", validate_then_crash)
+    args = overrides(inputs, tmp_path, "stopped", *EXACT)
+    with pytest.raises(Crash):
+        train_in_process(args)
+    assert checkpoint_step(last_checkpoint(config(args).run_dir)) == step
+    monkeypatch.undo()
+    assert_same_lens(train_in_process([*args, "resume=true"]), uninterrupted, atol=0)
 
 
 def test_checkpoint_holds_translators_not_the_base_model(inputs, tmp_path):

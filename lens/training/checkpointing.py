@@ -103,8 +103,9 @@ class RngState(Callback):
             self._pending = None
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.training:
-            self._outside_validation = self.capture()
+        # Always: inside ``fit`` Lightning reports the validation stage here, never ``trainer.training``,
+        # and a resumed run may skip or repeat the validation at its checkpoint step.
+        self._outside_validation = self.capture()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._outside_validation is not None:
