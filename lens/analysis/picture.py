@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.analysis.layers import json_array, json_float
-from lens.config import Unit
+from lens.config import InputError, Unit
 from lens.core.metrics import Reading, lens_token_stats, nats_to_bits, next_token_targets
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
@@ -143,7 +143,7 @@ def build_picture(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     input_ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)  # [1, T]
     if input_ids.shape[1] < 2:
-        raise ValueError(
+        raise InputError(
             f"text {text!r} tokenizes to {input_ids.shape[1]} token(s); a picture needs at least 2 "
             "(every cell scores the prediction of the next token)"
         )

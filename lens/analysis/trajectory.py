@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.analysis.layers import json_array
 from lens.analysis.picture import LossPicture, TokenStats, token_label
+from lens.config import InputError
 from lens.core.metrics import DEFAULT_CHUNK, Reading, lens_token_stats, next_token_targets
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
@@ -120,7 +121,7 @@ def read_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: 
     """Token ids ``[T]`` of one text and its reading (float32, CPU; targets: the next tokens)."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
     if len(ids) < 2:
-        raise ValueError(f"text gives {len(ids)} token(s); a trajectory needs at least 2")
+        raise InputError(f"text gives {len(ids)} token(s); a trajectory needs at least 2")
     residuals, logits = capture_residuals(model, ids[None].to(model.device))
     return ids, Reading(residuals[:, 0].float().cpu(), logits[0].float().cpu(), next_token_targets(ids))
 

@@ -7,6 +7,7 @@ umask asks for, like any other file the user writes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,26 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from lens.config import LensError
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+NOT_ALLOWED = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class OutputError(LensError, OSError):
+    """An output that cannot be written: the disk is full, or the folder is read-only."""
+
+
+def explained(err: OSError, path: Path, needed: int | None = None) -> OSError:
+    """``err`` as an ``OutputError`` naming the path (and, for a full disk, the space), where it is one."""
+    if err.errno in NO_SPACE:
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+        size = f"{needed:,} bytes to write, " if needed is not None else ""
+        return OutputError(err.errno, f"no space left on the device of {path} ({size}{free:,} bytes free): free some or choose another output_dir")
+    if err.errno in NOT_ALLOWED:
+        return OutputError(err.errno, f"cannot write {path}: {err.strerror} (a read-only folder?): choose another output_dir")
+    return err
 
 
 def cache_dir() -> Path:
@@ -35,14 +56,21 @@ def with_umask(path: Path, mode: int) -> None:
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temp path next to ``final``; rename it over ``final`` only if the body finished."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    except OSError as err:
+        raise explained(err, final) from err
     os.close(fd)
     tmp = Path(name)
     with_umask(tmp, 0o666)
     try:
         yield tmp
         os.replace(tmp, final)
+    except OutputError:
+        raise
+    except OSError as err:
+        raise explained(err, final) from err
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -51,10 +79,13 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def write_bytes(data: bytes, path: Path) -> Path:
     """Write ``data`` to ``path`` atomically and durably (fsync before the rename)."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:  # the temp file keeps its mode: opened, not re-created
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:  # the temp file keeps its mode: opened, not re-created
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise explained(err, path, needed=len(data)) from err
     return path
 
 

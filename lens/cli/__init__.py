@@ -9,7 +9,9 @@ model) prints one line and exits 2; ``--debug`` shows its traceback. Unexpected 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 import typing
 from dataclasses import fields, is_dataclass
 from typing import Any, Mapping
@@ -91,10 +93,15 @@ def with_positional(schema: type | Mapping[str, type], overrides: list[str]) -> 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     command = COMMANDS[args.command]
+    run_dir: Path | None = None
     try:
         cfg = load_config(command.schema, args.config, with_positional(command.schema, args.overrides))
+        run_dir = getattr(cfg, "run_dir", None)
+        existed = run_dir is not None and run_dir.exists()
         outcome = command.runner(cfg)(cfg)
     except EXPECTED as err:
+        if run_dir is not None and not existed and run_dir.exists():
+            shutil.rmtree(run_dir)  # a run that failed on bad input leaves nothing half-made behind
         if args.debug:
             raise
         print(f"lens {args.command}: error: {err}", file=sys.stderr)

@@ -6,14 +6,16 @@ per process: notebooks, eval scripts and tests that ask twice pay once.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.config import DEFAULT_MODEL, LensError
+from lens.config import DEFAULT_MODEL, ConfigError, LensError, ModelShape, check_fit
 from lens.core.arch import arch_spec, spec_for
 
 
@@ -49,6 +51,36 @@ def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None
 
 
+FIX = (
+    f"Give a folder written by save_pretrained (config.json, weights, tokenizer), a .gguf file, "
+    f"or {DEFAULT_MODEL!r} (the embedded default); hub ids need network access to the hub."
+)
+
+
+@lru_cache(maxsize=8)
+def model_config(name_or_path: str = DEFAULT_MODEL) -> PretrainedConfig:
+    """The model's config alone (no weights), checked against the architecture table."""
+    source, gguf_file = resolve_model_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(source, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {str(err).splitlines()[0]}\n{FIX}") from err
+    spec_for(config.model_type, f"model {name_or_path!r}")
+    return config
+
+
+def check_fits_model(cfg: Any) -> ModelShape:
+    """Check a run's config against its model's config (block ranges, context length) before any
+    weights load; return the model's shape."""
+    config = model_config(cfg.model.name)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    shape = ModelShape(cfg.model.name, config.num_hidden_layers, positions)
+    problems = list(check_fit(cfg, shape))
+    if problems:
+        raise ConfigError(f"config does not fit {shape.name}: " + "; ".join(problems))
+    return shape
+
+
 @lru_cache(maxsize=4)
 def load_model(
     name_or_path: str = DEFAULT_MODEL, dtype: str = "float32"
@@ -56,20 +88,12 @@ def load_model(
     """Load a causal LM in eval mode with every parameter frozen, plus its tokenizer."""
     source, gguf_file = resolve_model_source(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    fix = (
-        f"Give a folder written by save_pretrained (config.json, weights, tokenizer), a .gguf file, "
-        f"or {DEFAULT_MODEL!r} (the embedded default); hub ids need network access to the hub."
-    )
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot read a model config from {name_or_path!r}: {str(err).splitlines()[0]}\n{fix}") from err
-    spec_for(config.model_type, f"model {name_or_path!r}")  # before any weights load
+    config = copy.deepcopy(model_config(name_or_path))  # fails before any weights load; the model owns its copy
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=getattr(torch, dtype), **kwargs)
     except OSError as err:
-        raise ModelLoadError(f"could not load model {name_or_path!r}: {str(err).splitlines()[0]}\n{fix}") from err
+        raise ModelLoadError(f"could not load model {name_or_path!r}: {str(err).splitlines()[0]}\n{FIX}") from err
     model.config.name_or_path = name_or_path  # a GGUF load records its folder; keep the name asked for
     return prepare_model(model), prepare_tokenizer(tokenizer)
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lens.config import InputError
 from lens.core.arch import get_final_norm, get_unembed, n_blocks
 
 
@@ -107,7 +108,7 @@ def check_span(model: nn.Module, start: int, end: int) -> tuple[int, int]:
     """A span ``start..end`` maps the residual after ``start`` blocks to the one after ``end`` blocks."""
     n = n_blocks(model)
     if isinstance(start, bool) or isinstance(end, bool) or not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= n):
-        raise ValueError(f"span {start!r}..{end!r} is not valid: need 0 <= start <= end <= {n} (blocks in the model)")
+        raise InputError(f"span {start!r}..{end!r} is not valid: need 0 <= start <= end <= {n} (blocks in the model)")
     return start, end
 
 

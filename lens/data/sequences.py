@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -25,12 +26,25 @@ def is_held_out(doc_index: int, eval_percent: float) -> bool:
     return int.from_bytes(digest, "little") % 10_000 < eval_percent * 100
 
 
+@dataclass
+class PackCount:
+    """What one packing pass saw of its split, for the error when it yields nothing."""
+
+    documents: int = 0
+    """Documents of the corpus, either split."""
+    used: int = 0
+    """Non-empty documents of this split."""
+    empty: int = 0
+    tokens: int = 0
+
+
 def pack_sequences(
     documents: Iterable[str],
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
     held_out: bool,
     eval_percent: float,
+    count: PackCount | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield ``[seq_len]`` token sequences from the train (or held-out) documents.
 
@@ -39,30 +53,33 @@ def pack_sequences(
     """
     eos = tokenizer.eos_token_id
     buffer: list[int] = []
-    used = skipped = 0
+    count = count if count is not None else PackCount()
     try:
         for index, text in enumerate(documents):
+            count.documents += 1
             if is_held_out(index, eval_percent) != held_out:
                 continue
             if not text or not text.strip():
-                skipped += 1
+                count.empty += 1
                 continue
-            used += 1
-            buffer.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            count.used += 1
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            count.tokens += len(ids) + 1
+            buffer.extend(ids)
             buffer.append(eos)
             while len(buffer) >= seq_len:
                 yield torch.tensor(buffer[:seq_len])
                 buffer = buffer[seq_len:]
     finally:
-        if skipped:
+        if count.empty:
             split = "held-out" if held_out else "training"
-            log.warning("skipped %d empty %s documents (%d used so far)", skipped, split, used)
+            log.warning("skipped %d empty %s documents (%d used so far)", count.empty, split, count.used)
 
 
 def token_sequences(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool, limit: int | None
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool, limit: int | None, count: PackCount | None = None
 ) -> Iterator[torch.Tensor]:
-    sequences = pack_sequences(iter_documents(cfg), tokenizer, cfg.seq_len, held_out, cfg.eval_percent)
+    sequences = pack_sequences(iter_documents(cfg), tokenizer, cfg.seq_len, held_out, cfg.eval_percent, count)
     for count, seq in enumerate(sequences):
         if limit is not None and count >= limit:
             return
@@ -72,12 +89,20 @@ def token_sequences(
 def load_sequences(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool, limit: int | None
 ) -> torch.Tensor:
-    """All sequences of one split as ``[n, seq_len]``; an error if there are none."""
-    seqs = list(token_sequences(cfg, tokenizer, held_out, limit))
-    if not seqs:
-        split = "held-out" if held_out else "training"
-        raise CorpusError(
-            f"no {split} sequences of {cfg.seq_len} tokens from {cfg.dataset!r}: the corpus is too small "
-            "for data.seq_len, or data.eval_percent leaves that split empty"
+    """All sequences of one split as ``[n, seq_len]``; an error saying why if there are none."""
+    count = PackCount()
+    seqs = list(token_sequences(cfg, tokenizer, held_out, limit, count))
+    if seqs:
+        return torch.stack(seqs)
+    split = "held-out" if held_out else "training"
+    if count.documents == 0:
+        why = "the corpus holds no documents"
+    elif count.used == 0:
+        share = f"data.eval_percent={cfg.eval_percent:g} puts {'none' if held_out else 'all'} of its {count.documents} documents"
+        why = f"{share} in the held-out split" + (" (or they are empty)" if count.empty else "") + ": change data.eval_percent"
+    else:
+        why = (
+            f"its {count.used} {split} documents hold {count.tokens} tokens, fewer than one sequence: the corpus is too "
+            "small for data.seq_len; lower data.seq_len or add text"
         )
-    return torch.stack(seqs)
+    raise CorpusError(f"no {split} sequences of {cfg.seq_len} tokens from {cfg.dataset!r}: {why}")

@@ -12,6 +12,7 @@ from typing import Callable
 
 from torch import nn
 
+from lens.config import InputError
 from lens.core.arch import n_blocks
 
 
@@ -77,8 +78,10 @@ def compose(*parts: Intervention) -> Intervention:
 def check_injection_layer(model: nn.Module, layer: int) -> int:
     """Steering changes the residual after ``layer`` blocks, so valid layers are ``0..n_layers``."""
     n = n_blocks(model)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
-        raise ValueError(
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an integer (a count of blocks, 0..{n}), got {layer!r} of type {type(layer).__name__}")
+    if not 0 <= layer <= n:
+        raise InputError(
             f"layer {layer!r} out of range: steering adds to the residual after `layer` blocks, "
             f"valid layers are 0..{n} for this {n}-block model"
         )

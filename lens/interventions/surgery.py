@@ -118,6 +118,9 @@ class LayerProgram(Intervention):
     def permute(cls, model: nn.Module, order: Sequence[int]) -> "LayerProgram":
         """Run every block exactly once, in ``order`` (a permutation of ``0..n_layers-1``)."""
         n = n_blocks(model)
+        strays = [x for x in order if isinstance(x, bool) or not isinstance(x, int)]
+        if strays:
+            raise ValueError(f"order {list(order)!r} holds {strays!r}: a permutation lists block indices 0..{n - 1}")
         if sorted(order) != list(range(n)):
             raise ValueError(f"order {list(order)!r} is not a permutation of the block indices 0..{n - 1}")
         return cls(model, list(order))
@@ -145,10 +148,14 @@ class LayerProgram(Intervention):
         model, config = self.model, self.model.config
         original = get_blocks(model)
         if len(original) != self.built_for:
-            raise RuntimeError(
-                f"this program indexes {self.built_for} blocks but the model has {len(original)} on entry "
-                "(another program is active): build the inner program inside the outer one's `with`"
-            )
+            if any(isinstance(block, (_BlockSlot, _TranslatorSlot)) for block in original):
+                situation = "another program is active: build the inner program inside the outer one's `with`"
+            else:
+                situation = (
+                    "it was built while another program was active, and that program has ended: "
+                    "build it again, on the model as it is now"
+                )
+            raise RuntimeError(f"this program indexes {self.built_for} blocks but the model has {len(original)} on entry ({situation})")
         slots: list[nn.Module] = []
         for step in self.program:
             if isinstance(step, nn.Module):

@@ -19,7 +19,7 @@ from lens.analysis.picture import METRICS, InterventionFactory, build_picture
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
 from lens.config import SteerConfig, SteeringConfig, to_dict
-from lens.core.model import load_model
+from lens.core.model import check_fits_model, load_model
 from lens.core.residuals import capture_residuals
 from lens.data.sequences import load_sequences
 from lens.interventions import ActAdd, LayerProgram, ResidualAdd, SteeringVector
@@ -165,6 +165,7 @@ class SteerResult:
 
 def steer(cfg: SteerConfig) -> SteerResult:
     """Picture, figures, continuations and evaluation of one steering config."""
+    check_fits_model(cfg)
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
     lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)

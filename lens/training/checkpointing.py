@@ -9,7 +9,7 @@ renamed, so a kill in the middle of a save leaves the previous checkpoint intact
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lens.artifacts.files import atomic_path
+from lens.artifacts.files import write_bytes
 
 CHECKPOINT_DIR = "resume"
 """Sub-folder of the run folder holding ``last.ckpt``."""
@@ -50,15 +50,14 @@ def check_finite_state(state_dict: dict[str, torch.Tensor]) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temp file, fsync, rename: the checkpoint under the final name is always whole."""
+    """Serialise in memory, then write to a temp file, fsync, rename: the checkpoint under the final
+    name is always whole, and a full disk is reported as such (not as a torch serialisation error)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         check_finite_state(checkpoint.get("state_dict", {}))
-        with atomic_path(Path(path)) as tmp:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_bytes(buffer.getvalue(), Path(path))
 
 
 class RngState(Callback):

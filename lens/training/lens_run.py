@@ -18,7 +18,7 @@ from lens.artifacts.files import write_json
 from lens.artifacts.registry import save_lens
 from lens.config import TrainConfig, to_dict
 from lens.core.closed_form import closed_form_start
-from lens.core.model import load_model, model_id
+from lens.core.model import check_fits_model, load_model, model_id
 from lens.core.translators import TunedLens, logit_lens_for
 from lens.report.plots import plot_layer_metrics
 from lens.training.checkpointing import (
@@ -89,6 +89,7 @@ def make_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
 
 def train(cfg: TrainConfig) -> LensTrainResult:
     """Train, save and evaluate one tuned lens."""
+    check_fits_model(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_resume(cfg)
     run_dir = cfg.run_dir

@@ -16,10 +16,10 @@ from transformers import PreTrainedModel
 from lens.analysis.spans import Span, SpanEvaluation, evaluate_spans
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import load_span_translator
-from lens.config import SpanConfig, SurgeryConfig, TranslatorTrainConfig, to_dict
+from lens.config import InputError, SpanConfig, SurgeryConfig, TranslatorTrainConfig, to_dict
 from lens.core.arch import n_blocks
 from lens.core.closed_form import fit_span_translators
-from lens.core.model import load_model, model_id
+from lens.core.model import check_fits_model, load_model, model_id
 from lens.core.translators import SpanTranslator
 from lens.report.plots import plot_skip_sweep
 from lens.runs.result import Measured
@@ -31,7 +31,7 @@ def sweep_spans(n: int, lengths: list[int]) -> list[Span]:
     """All spans ``(i, i+k)`` for each length ``k`` that fit in an ``n``-block model, shortest first."""
     bad = [k for k in lengths if not 1 <= k <= n]
     if bad:
-        raise ValueError(f"span lengths {bad} out of range: valid lengths are 1..{n} for a {n}-block model")
+        raise InputError(f"span lengths {bad} out of range: valid lengths are 1..{n} for a {n}-block model")
     return [(i, i + k) for k in lengths for i in range(n - k + 1)]
 
 
@@ -71,6 +71,7 @@ def run_skip_sweep(model: PreTrainedModel, data: LensDataModule, cfg: SurgeryCon
 
 def skip_sweep(cfg: SurgeryConfig) -> Measured[SpanEvaluation]:
     """The whole sweep from a config: model, data, spans, JSON + PNG in ``output_dir/run_name``."""
+    check_fits_model(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
     data = LensDataModule(cfg.data, tokenizer, seed=cfg.seed)

@@ -18,7 +18,7 @@ from lens.artifacts.files import write_json
 from lens.artifacts.registry import save_span_translator
 from lens.config import TranslatorTrainConfig, to_dict
 from lens.core.closed_form import fit_span_translators
-from lens.core.model import load_model, model_id
+from lens.core.model import check_fits_model, load_model, model_id
 from lens.core.translators import SpanTranslator
 from lens.training.datamodule import LensDataModule
 from lens.training.span_module import SpanTranslatorModule
@@ -55,9 +55,10 @@ def train_span_translator(
 
 def train_translator(cfg: TranslatorTrainConfig) -> TranslatorTrainResult:
     """Train, save and evaluate one span translator."""
+    check_fits_model(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
-    translator = SpanTranslator.for_span(model, cfg.span.start, cfg.span.end)  # checks the span before any data loads
+    translator = SpanTranslator.for_span(model, cfg.span.start, cfg.span.end)
     data = LensDataModule(cfg.data, tokenizer, seed=cfg.seed)
     data.setup("fit")
     started = time.perf_counter()
