@@ -53,6 +53,9 @@ Precision = Literal["auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-tru
 OnNonFinite = Literal["stop", "skip"]
 SpanLoss = Literal["kl", "mse"]
 SweepTranslators = Literal["none", "lstsq", "kl"]
+SweepOperation = Literal["skip", "repeat", "swap", "ablate"]
+CutEnd = Literal["last", "first"]
+FittedTranslator = Literal["lstsq", "kl"]
 SteeringKind = Literal["actadd", "vector"]
 VectorMethod = Literal["mean", "pca"]
 Unit = Literal["nats", "bits"]
@@ -378,10 +381,20 @@ class TranslatorTrainConfig(CorpusRunConfig):
 
 
 @dataclass
-class SurgeryConfig(CorpusRunConfig):
-    """``lens surgery --config configs/skip_sweep_smollm2.yaml``: skip every span of blocks, with and without a translator."""
+class SweepConfig(CorpusRunConfig):
+    """``lens surgery --config configs/skip_sweep_smollm2.yaml``: skip every span of blocks (with and
+    without a translator), repeat every block, swap every adjacent pair; score each on held-out text."""
 
+    kind: Literal["sweep"] = "sweep"
+    """What ``lens surgery`` does: sweep programs (this schema), draw a ``picture``, or ``truncate``."""
     run_name: str = f"skip-sweep-{DEFAULT_MODEL}"
+    operations: list[SweepOperation] = field(default_factory=lambda: ["skip"])
+    """``skip``: every span of ``span_lengths``; ``repeat``: every block run twice; ``swap``: every
+    adjacent pair of blocks run in the other order; ``ablate``: every block's attention, and its MLP,
+    adding nothing to the residual."""
+    explain: list[int] = field(default_factory=list)
+    """Blocks whose cost is broken down by token: the next tokens that get hardest to predict when
+    the block, its attention or its MLP is removed."""
     span_lengths: list[int] = field(default_factory=lambda: [1])
     """Every span ``i..i+n`` for each length ``n`` listed."""
     translators: SweepTranslators = "lstsq"
@@ -413,6 +426,83 @@ class SurgeryConfig(CorpusRunConfig):
         yield from super().fits(shape)
         if max(self.span_lengths) > shape.n_blocks:
             yield "span_lengths", f"{shape.name} has {shape.n_blocks} blocks: lengths run 1..{shape.n_blocks}"
+        if any(not 0 <= b < shape.n_blocks for b in self.explain):
+            yield "explain", f"{shape.name} has blocks 0..{shape.n_blocks - 1}"
+
+
+@dataclass
+class ReplaceConfig(Checked):
+    path: str = ""
+    """Folder of a span translator saved by ``lens train`` (``kind: translator``); checked against the model."""
+    start: Optional[int] = None
+    """The span it must stand in for, checked against the file (optional)."""
+    end: Optional[int] = None
+    """...ends at this many blocks (optional)."""
+
+    NON_EMPTY = {"path": "it names the saved translator"}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.path.strip() and not Path(self.path).is_dir():
+            yield "path", "no such folder (a saved span translator is a folder with translator.safetensors + config.json)"
+
+
+@dataclass
+class ProgramConfig(Checked):
+    """One layer program: give exactly one of ``skip``, ``repeat``, ``swap``, ``steps``, ``replace``."""
+
+    name: str = ""
+    """Label in figures and JSON (default: made from the program)."""
+    skip: Optional[list[int]] = None
+    """``[start, end]``: blocks ``start..end-1`` removed."""
+    repeat: Optional[list[int]] = None
+    """``[block, times]``: that block run ``times`` times in a row."""
+    swap: Optional[int] = None
+    """Blocks ``i`` and ``i+1`` run in the other order."""
+    steps: Optional[list[int]] = None
+    """Any list of block indices of the intact model, run in that order."""
+    replace: Optional[ReplaceConfig] = None
+    """A saved span translator in place of the span it was trained for."""
+
+    KINDS: ClassVar[tuple[str, ...]] = ("skip", "repeat", "swap", "steps", "replace")
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        given = [kind for kind in self.KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            yield "skip", f"give exactly one of {list(self.KINDS)} per program, got {given or 'none'}"
+        for kind, meaning in (("skip", "[start, end]"), ("repeat", "[block, times]")):
+            value = getattr(self, kind)
+            if value is not None and (len(value) != 2 or min(value) < 0):
+                yield kind, f"must be {meaning} of non-negative integers"
+        if self.skip is not None and len(self.skip) == 2 and self.skip[1] < self.skip[0]:
+            yield "skip", "must be [start, end] with start <= end"
+
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        yield from super().fits(shape)
+        n = shape.n_blocks
+        if self.skip is not None and self.skip[-1] > n:
+            yield "skip", f"ends past the last block: {block_range(shape, 'span ends')}"
+        if self.repeat is not None and self.repeat[0] >= n:
+            yield "repeat", f"{shape.name} has blocks 0..{n - 1}"
+        if self.swap is not None and not 0 <= self.swap < n - 1:
+            yield "swap", f"swaps blocks i and i+1: i runs 0..{n - 2} for {shape.name}"
+        if self.steps is not None and any(not 0 <= b < n for b in self.steps):
+            yield "steps", f"{shape.name} has blocks 0..{n - 1}"
+
+    def label(self) -> str:
+        """The name, or one made from the program."""
+        if self.name:
+            return self.name
+        if self.skip is not None:
+            return f"skip {self.skip[0]}..{self.skip[1] - 1}" if self.skip[1] - self.skip[0] > 1 else f"skip {self.skip[0]}"
+        if self.repeat is not None:
+            return f"repeat {self.repeat[0]} x{self.repeat[1]}"
+        if self.swap is not None:
+            return f"swap {self.swap},{self.swap + 1}"
+        if self.replace is not None:
+            return f"translator from {Path(self.replace.path).name}"
+        return "program " + ",".join(map(str, self.steps or []))
 
 
 @dataclass
@@ -436,6 +526,10 @@ class SteeringConfig(Checked):
     """``vector``: a folder written by ``SteeringVector.save`` (instead of contrast sets); checked against the model."""
     min_token_index: int = 0
     """``vector``: first token position that is steered."""
+    prepend_bos: bool = False
+    """Prepend the tokenizer's BOS to the prompts and to every steered text (picture, prompt, held-out
+    sequences), as the published ActAdd runs do: position 0 then holds BOS everywhere, its steering
+    row is BOS - BOS = 0, and the attention sink is left unsteered."""
 
     LIMITS = {"layer": at_least(0), "min_token_index": at_least(0), "coefficient": Limit(math.isfinite, "must be finite")}
     BLOCK_COUNTS = {"layer": "steering layers (residual after that many blocks)"}
@@ -478,8 +572,19 @@ class GenerateConfig(Checked):
     """Greedy continuations of this prompt, intact vs intervened, go into the summary."""
     max_new_tokens: int = 24
     """0 skips generation."""
+    temperature: float = 0.0
+    """0: greedy decoding (one continuation); above 0, sampling at that temperature."""
+    top_p: float = 1.0
+    """Sampling keeps the smallest set of tokens whose probability reaches ``top_p``."""
+    samples: int = 1
+    """Sampled continuations per model; sample ``i`` of the intact and the intervened model share a seed."""
 
-    LIMITS = {"max_new_tokens": at_least(0)}
+    LIMITS = {
+        "max_new_tokens": at_least(0),
+        "temperature": at_least(0),
+        "top_p": Limit(lambda x: 0 < x <= 1, "must be in (0, 1]"),
+        "samples": at_least(1),
+    }
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from super().problems()
@@ -518,6 +623,8 @@ class SteerConfig(CorpusRunConfig, ReadsLens):
     """``lens steer --config configs/steer_<name>.yaml``: one steering run, read through the lens.
     Writes heatmaps, the final-layer loss plot, an interactive page and summary JSON."""
 
+    kind: Literal["run"] = "run"
+    """What ``lens steer`` does: one steering ``run`` (this schema) or a ``sweep`` over layers and coefficients."""
     run_name: str = "steer"
     output_dir: str = "eval/out/steer"
     seed: int = 0
@@ -525,6 +632,98 @@ class SteerConfig(CorpusRunConfig, ReadsLens):
     picture: PictureConfig = field(default_factory=PictureConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: SteerEvalConfig = field(default_factory=SteerEvalConfig)
+
+
+@dataclass
+class SteerSweepConfig(CorpusRunConfig):
+    """``lens steer --config configs/steer_sweep_love_hate.yaml``: the held-out and on-topic log-prob
+    change of one steering for every layer x coefficient, as a figure and JSON."""
+
+    kind: Literal["sweep"] = "sweep"
+    """What ``lens steer`` does: a ``sweep`` (this schema) or one steering ``run``."""
+    run_name: str = "steer-sweep"
+    output_dir: str = "eval/out/steer"
+    seed: int = 0
+    steering: SteeringConfig = field(default_factory=lambda: SteeringConfig(layer=0))
+    """The steering; its ``layer`` and ``coefficient`` are replaced by every pair of the grid."""
+    layers: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10, 12, 16, 20, 24])
+    """Layers of the grid (residual after that many blocks)."""
+    coefficients: list[float] = field(default_factory=lambda: [-8.0, -4.0, -2.0, 2.0, 4.0, 8.0])
+    """Coefficients of the grid."""
+    sequences: int = 8
+    """Held-out sequences of ``data.seq_len`` tokens (the side effect)."""
+    texts: list[str] = field(default_factory=lambda: ["I love you with all my heart.", "Love is patient, love is kind."])
+    """On-topic texts (the effect wanted): their log-prob should rise."""
+
+    LIMITS = {"sequences": at_least(1)}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.layers or min(self.layers) < 0:
+            yield "layers", "must list layers >= 0"
+        if not self.coefficients or not all(math.isfinite(c) for c in self.coefficients):
+            yield "coefficients", "must list finite numbers"
+        if not self.texts or not all(t.strip() for t in self.texts):
+            yield "texts", "must list non-empty on-topic texts"
+
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        yield from super().fits(shape)
+        if max(self.layers) > shape.n_blocks:
+            yield "layers", f"past the last block: {block_range(shape, 'steering layers')}"
+
+
+@dataclass
+class ProgramPictureConfig(RunConfig, ReadsLens):
+    """``lens surgery --config configs/surgery_picture_smollm2.yaml``: per-token pictures of the model
+    cut by each layer program (optionally steered too), read through the lens; final losses and
+    continuations side by side."""
+
+    kind: Literal["picture"] = "picture"
+    """What ``lens surgery`` does: draw a ``picture`` (this schema), ``sweep`` programs, or ``truncate``."""
+    run_name: str = "surgery"
+    output_dir: str = "eval/out/surgery"
+    programs: list[ProgramConfig] = field(default_factory=lambda: [ProgramConfig(skip=[11, 12])])
+    """The layer programs, one picture each, all on the same text."""
+    steering: Optional[SteeringConfig] = None
+    """Steering applied on top of every program (the program first, so ``layer`` counts its slots)."""
+    picture: PictureConfig = field(default_factory=PictureConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.programs:
+            yield "programs", "must list at least one program"
+
+
+@dataclass
+class TruncationConfig(CorpusRunConfig, ReadsLens):
+    """``lens surgery --config configs/truncate_smollm2.yaml``: remove the last n blocks, and the first
+    n, for every n: the model's loss plain and with a least-squares or KL-trained translator in place
+    of the removed blocks, and the lens-read loss at the cut."""
+
+    kind: Literal["truncate"] = "truncate"
+    """What ``lens surgery`` does: ``truncate`` (this schema), ``sweep`` programs, or draw a ``picture``."""
+    run_name: str = f"truncate-{DEFAULT_MODEL}"
+    ends: list[CutEnd] = field(default_factory=lambda: ["last", "first"])
+    """Which end blocks are removed from."""
+    translators: list[FittedTranslator] = field(default_factory=lambda: ["lstsq", "kl"])
+    """Stand-ins for the removed blocks scored next to plain removal: ``lstsq`` (closed form) and
+    ``kl`` (lstsq start, then ``optim.num_steps`` KL steps per cut; the slow part)."""
+    lstsq_sequences: int = 16
+    """Training sequences the least-squares translators are fitted on."""
+    ridge: float = 1e-3
+    """Ridge penalty of the least-squares fit, relative to the mean Gram diagonal."""
+    sequences: int = 8
+    """Held-out sequences every cut is scored on."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(optimizer="adam", weight_decay=0.0, num_steps=10))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(progress_bar=False))
+
+    LIMITS = {"lstsq_sequences": at_least(1), "ridge": at_least(0), "sequences": at_least(1)}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.ends:
+            yield "ends", "must list last, first or both"
 
 
 @dataclass
@@ -593,6 +792,10 @@ class CorpusConfig(Checked):
 
 TRAIN_KINDS: dict[str, type] = {"lens": TrainConfig, "translator": TranslatorTrainConfig}
 """``lens train`` schemas by the YAML's top-level ``kind`` (``lens`` when absent)."""
+STEER_KINDS: dict[str, type] = {"run": SteerConfig, "sweep": SteerSweepConfig}
+"""``lens steer`` schemas by the YAML's top-level ``kind`` (``run`` when absent)."""
+SURGERY_KINDS: dict[str, type] = {"sweep": SweepConfig, "picture": ProgramPictureConfig, "truncate": TruncationConfig}
+"""``lens surgery`` schemas by the YAML's top-level ``kind`` (``sweep`` when absent)."""
 
 
 def load_config(schema: type | Mapping[str, type], path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
@@ -646,12 +849,16 @@ def _rules(cfg: Any, name: str) -> dict[str, Any]:
 
 
 def _sections(cfg: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """The config and every nested section in it, each with its key prefix (``data.``)."""
+    """The config and every nested section in it (lists of sections too), each with its key prefix (``data.``, ``programs[0].``)."""
     yield prefix, cfg
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if is_dataclass(value):
             yield from _sections(value, f"{prefix}{f.name}.")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if is_dataclass(item):
+                    yield from _sections(item, f"{prefix}{f.name}[{i}].")
 
 
 def check(cfg: Any) -> Iterator[str]:

@@ -92,6 +92,13 @@ BAD_VALUES = [
     (["steer", "lens=/no/such/lens"], "lens='/no/such/lens': no such folder"),
     (["steer", "steering.kind=vector", "steering.vector_path=/no/such/vector"], "steering.vector_path"),
     (["surgery", "translator_files=[/no/such/translator]"], "translator_files"),
+    (["steer", "kind=sweep", "coefficients=[]"], "coefficients"),
+    (["steer", "kind=sweep", "layers=[-1]"], "layers"),
+    (["steer", "generate.top_p=0"], "generate.top_p=0.0 must be in (0, 1]"),
+    (["surgery", "kind=picture", "programs=[{skip: [1, 2], swap: 3}]"], "programs[0].skip=[1, 2]: give exactly one of"),
+    (["surgery", "kind=picture", "programs=[{replace: {path: /no/such}}]"], "programs[0].replace.path"),
+    (["surgery", "kind=truncate", "ends=[middle]"], "ends"),
+    (["surgery", "operations=[melt]"], "operations"),
     (["steer", "optim.lr_scale=1"], "unknown config key 'optim'"),
     (["steer", "--config", "configs/nope.yaml"], "configs/nope.yaml does not exist"),
 ]

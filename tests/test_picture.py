@@ -87,7 +87,7 @@ def test_picture_rejects_bad_input(tiny_model, tokenizer):
         build_picture(tiny_model, tokenizer, TEXT, lens, top_k=0)
     with pytest.raises(ValueError, match="valid: \\['nats', 'bits'\\]"):
         build_picture(tiny_model, tokenizer, TEXT, lens).panels("ce", unit="furlongs")
-    with pytest.raises(ValueError, match="original depth"):  # a skip changes the depth the lens reads
+    with pytest.raises(ValueError, match="program_rows"):  # a skip changes the rows the lens reads
         build_picture(tiny_model, tokenizer, TEXT, lens, lambda: LayerProgram.skip(tiny_model, 0, 1))
     assert hook_count(tiny_model) == 0
 

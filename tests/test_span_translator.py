@@ -13,7 +13,7 @@ from conftest import TEXT, make_model
 from lens.analysis.spans import evaluate_spans
 from lens.artifacts.registry import load_lens, load_span_translator, save_span_translator
 from lens.cli import main as lens_cli
-from lens.config import OptimConfig, SurgeryConfig, load_config
+from lens.config import OptimConfig, SweepConfig, load_config
 from lens.core.closed_form import fit_span_translators
 from lens.core.residuals import capture_residuals
 from lens.core.translators import SpanTranslator
@@ -129,8 +129,8 @@ def test_train_command_translator_and_skip_sweep(saved_model, corpus_file, tmp_p
     assert load_span_translator(run).start == 1
     assert json.loads((run / "eval.json").read_text())["spans"][0]["translator_ce"] > 0
 
-    cfg = load_config(SurgeryConfig, None, [*common, "run_name=sweep", "span_lengths=[1,2]", "lstsq_sequences=4", "sequences=2"])
-    results = skip_sweep(cfg).evaluation.to_json()
+    cfg = load_config(SweepConfig, None, [*common, "run_name=sweep", "span_lengths=[1,2]", "lstsq_sequences=4", "sequences=2"])
+    results = skip_sweep(cfg).evaluation.spans.to_json()
     assert [(r["start"], r["end"]) for r in results["spans"]] == sweep_spans(3, [1, 2]) == [(0, 1), (1, 2), (2, 3), (0, 2), (1, 3)]
     assert (tmp_path / "runs" / "sweep" / "skip_sweep.png").stat().st_size > 0
     assert json.loads((tmp_path / "runs" / "sweep" / "skip_sweep.json").read_text())["intact_ce"] == results["intact_ce"]
@@ -138,8 +138,8 @@ def test_train_command_translator_and_skip_sweep(saved_model, corpus_file, tmp_p
         sweep_spans(3, [4])
 
     # the trained translator, used by path in a surgery config, scores as it did after training
-    cfg = load_config(SurgeryConfig, None, [*common, "run_name=files", "translators=none", f"translator_files=[{run}]", "sequences=2"])
-    rows = skip_sweep(cfg).evaluation.to_json()["spans"]
+    cfg = load_config(SweepConfig, None, [*common, "run_name=files", "translators=none", f"translator_files=[{run}]", "sequences=2"])
+    rows = skip_sweep(cfg).evaluation.spans.to_json()["spans"]
     trained = json.loads((run / "eval.json").read_text())["spans"][0]
     assert [r.get("translator_ce") is not None for r in rows] == [False, True, False]  # only span 1..2 has one
     assert rows[1] == trained

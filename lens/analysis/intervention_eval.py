@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -216,3 +216,55 @@ def program_losses(
         with make():
             losses[name] = loss()
     return ProgramLosses(intact, losses)
+
+
+@dataclass
+class SteeringGrid:
+    """Mean log-prob change (intervened - intact, nats per token) for every layer x coefficient: on
+    held-out text (the side effect) and on on-topic texts (the effect wanted)."""
+
+    layers: list[int]
+    coefficients: list[float]
+    held_out: list[list[float]]
+    """``[layer][coefficient]``."""
+    on_topic: list[list[float]]
+    held_out_tokens: int
+    on_topic_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"unit": "nats per token", **asdict(self)}
+
+    def lines(self) -> list[str]:
+        cells = [(i, j) for i in range(len(self.layers)) for j in range(len(self.coefficients))]
+        i, j = max(cells, key=lambda cell: self.on_topic[cell[0]][cell[1]])
+        return [
+            f"{len(self.layers)} layers x {len(self.coefficients)} coefficients; {self.held_out_tokens} held-out and {self.on_topic_tokens} on-topic tokens",
+            f"largest on-topic log-prob gain: layer {self.layers[i]}, coefficient {self.coefficients[j]:g}: "
+            f"{self.on_topic[i][j]:+.3f} on topic, {self.held_out[i][j]:+.3f} held out (nats/token)",
+        ]
+
+
+def steering_grid(
+    model: PreTrainedModel,
+    held_out: Sequence[torch.Tensor],
+    on_topic: Sequence[torch.Tensor],
+    steering_at: Callable[[int, float], InterventionFactory],
+    layers: Sequence[int],
+    coefficients: Sequence[float],
+) -> SteeringGrid:
+    """Each cell steers with ``steering_at(layer, coefficient)``; the intact log-probs are computed once."""
+    base = {name: sequence_logprobs(model, seqs) for name, seqs in (("held_out", held_out), ("on_topic", on_topic))}
+    cells: dict[str, list[list[float]]] = {name: [] for name in base}
+    bar = tqdm(total=len(layers) * len(coefficients), desc="steering grid", unit="cell")
+    for layer in layers:
+        for name in cells:
+            cells[name].append([])
+        for coefficient in coefficients:
+            with steering_at(layer, coefficient)():
+                for name, seqs in (("held_out", held_out), ("on_topic", on_topic)):
+                    steered = sequence_logprobs(model, seqs)
+                    cells[name][-1].append(float(torch.stack([(s - b).mean() for s, b in zip(steered, base[name])]).mean()))
+            bar.update()
+    bar.close()
+    tokens = {name: sum(b.numel() for b in logprobs) for name, logprobs in base.items()}
+    return SteeringGrid(list(layers), list(coefficients), cells["held_out"], cells["on_topic"], tokens["held_out"], tokens["on_topic"])

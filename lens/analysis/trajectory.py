@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.analysis.layers import json_array
-from lens.analysis.picture import LossPicture, TokenStats, token_label
+from lens.analysis.picture import LossPicture, TokenStats, identity_rows, token_label
 from lens.config import InputError
 from lens.core.metrics import DEFAULT_CHUNK, Reading, lens_token_stats, next_token_targets
 from lens.core.residuals import capture_residuals
@@ -128,7 +128,8 @@ def read_text(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: 
 
 def to_picture(traj: Trajectory, tokenizer: PreTrainedTokenizerBase, text: str, lens_kind: str) -> LossPicture:
     """The project's per-token picture of a trajectory, so its heatmap and HTML page draw it."""
-    stats = TokenStats(traj.stats["ce"], traj.stats["kl"], traj.stats["entropy"], traj.top_ids, traj.top_probs)
+    rows = identity_rows(traj.stats["ce"].shape[0] - 1)
+    stats = TokenStats(traj.stats["ce"], traj.stats["kl"], traj.stats["entropy"], traj.top_ids, traj.top_probs, traj.stats["ce"][-1], rows)
     ids = traj.input_ids.tolist()
     seen = sorted({int(i) for i in traj.top_ids.unique()})
     return LossPicture(

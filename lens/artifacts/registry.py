@@ -218,12 +218,26 @@ def filled(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
     return module
 
 
+def describe_lens(meta: ArtifactMeta, source: str) -> str:
+    """How a saved lens was made, in a few words (figure titles name it)."""
+    config = meta.train_config or {}
+    if {"lens", "optim", "data"} <= config.keys():
+        lens_cfg, data = config["lens"], config["data"]
+        start = f"closed form on {lens_cfg['lstsq_sequences'] * data['seq_len']:,} tokens" if lens_cfg["init"] == "lstsq" else "zero start"
+        return f"tuned lens ({start} + {config['optim']['num_steps']} KL steps)"
+    if meta.details.get("source_layout") == "tuned-lens" or "converted_from" in meta.details:
+        return f"tuned lens from the tuned-lens layout ({Path(str(meta.details.get('converted_from', source))).name})"
+    return f"tuned lens from {Path(source).name}"
+
+
 def load_lens(src: str | Path, model: PreTrainedModel | None = None, allow_mismatch: bool = False) -> TunedLens:
     """A tuned lens from our folder, a tuned-lens folder or a tuned-lens hub id (e.g. ``gpt2``);
     with ``model``, checked against it (shape and unembedding fingerprint)."""
     artifact = read_artifact(src, "tuned_lens", model, allow_mismatch)
     record = artifact.meta.model
-    return filled(TunedLens(record.num_layers, record.hidden_size), artifact.tensors)  # type: ignore[return-value]
+    lens = filled(TunedLens(record.num_layers, record.hidden_size), artifact.tensors)
+    lens.origin = describe_lens(artifact.meta, artifact.source)
+    return lens  # type: ignore[return-value]
 
 
 def load_span_translator(src: str | Path, model: PreTrainedModel | None = None, allow_mismatch: bool = False) -> SpanTranslator:

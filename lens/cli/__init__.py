@@ -32,20 +32,38 @@ def describe_type(tp: Any) -> str:
         return f"{describe_type(next(a for a in args if a is not type(None)))} or null"
     if typing.get_origin(tp) is list:
         return f"list of {describe_type(args[0])}"
+    if is_dataclass(tp):
+        return f"section of keys {tp.__name__}"
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
+def section_type(tp: Any) -> tuple[type | None, str]:
+    """The schema a field nests (itself, optional, or a list of them) and how its keys are written."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if is_dataclass(tp):
+        return tp, "."
+    if typing.get_origin(tp) is typing.Union and len(args) == 1 and is_dataclass(args[0]):
+        return args[0], "."
+    if typing.get_origin(tp) is list and args and is_dataclass(args[0]):
+        return args[0], "[i]."
+    return None, ""
+
+
 def key_lines(schema: type, prefix: str = "") -> list[str]:
-    """Every key of ``schema`` (nested sections flattened to ``a.b``) with type, default and docstring."""
+    """Every key of ``schema`` (nested sections flattened to ``a.b``, list items to ``a[i].b``) with
+    type, default and docstring."""
     docs, hints, lines = field_docs(schema), typing.get_type_hints(schema), []
     defaults = schema()
     for f in fields(schema):
         value = getattr(defaults, f.name)
-        if is_dataclass(value):
-            lines += key_lines(type(value), f"{prefix}{f.name}.")
+        nested, joint = section_type(hints[f.name])
+        if nested is not None and joint == "." and value is not None:
+            lines += key_lines(nested, f"{prefix}{f.name}.")
             continue
         lines.append(f"  {prefix}{f.name}  ({describe_type(hints[f.name])}; default {value!r})")
         lines += [f"      {line}" for line in docs[f.name].splitlines()]
+        if nested is not None:  # an optional section or a list of them: their keys too
+            lines += key_lines(nested, f"{prefix}{f.name}{joint}")
     return lines
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 from lens.config import (
+    STEER_KINDS,
+    SURGERY_KINDS,
     TRAIN_KINDS,
     ConvertConfig,
     CorpusConfig,
     LensEvalConfig,
-    SteerConfig,
-    SurgeryConfig,
     TrajectoryConfig,
 )
 
@@ -79,8 +79,16 @@ COMMANDS: dict[str, Command] = {
         {"lens": "lens.training.lens_run:train", "translator": "lens.training.translator_run:train_translator"},
     ),
     "eval": Command("evaluate a lens in depth on held-out text, next to the logit lens", LensEvalConfig, "lens.runs.evaluate:evaluate"),
-    "steer": Command("steer a model (ActAdd, steering vectors) and read it through a lens", SteerConfig, "lens.runs.steer:steer"),
-    "surgery": Command("skip every span of blocks, with and without a span translator", SurgeryConfig, "lens.training.surgery:skip_sweep"),
+    "steer": Command(
+        "steer a model (ActAdd, steering vectors) and read it through a lens (kind: run), or sweep layers x coefficients (kind: sweep)",
+        STEER_KINDS,
+        {"run": "lens.runs.steer:steer", "sweep": "lens.runs.steer:steer_sweep"},
+    ),
+    "surgery": Command(
+        "cut the model: sweep skips, repeats and swaps (kind: sweep), draw per-token pictures (kind: picture), truncate either end (kind: truncate)",
+        SURGERY_KINDS,
+        {"sweep": "lens.training.surgery:skip_sweep", "picture": "lens.runs.surgery:surgery_pictures", "truncate": "lens.training.surgery:truncation"},
+    ),
     "trajectory": Command("what every layer predicts at every token of one text", TrajectoryConfig, "lens.runs.trajectory:trajectory"),
     "convert": Command("write any loadable lens (ours, tuned-lens folder or hub id) in this project's format", ConvertConfig, "lens.cli.commands:convert"),
     "corpus": Command("fetch and extract the embedded default corpus into the cache", CorpusConfig, "lens.cli.commands:corpus"),

@@ -24,14 +24,18 @@ class ArchSpec:
     unembed: str
     """The linear map from the hidden size to the vocabulary; ``a|b`` lists names used by
     different transformers versions, first match wins."""
+    attention: str
+    """Inside a block: the attention module, whose output the block adds to the residual."""
+    mlp: str
+    """Inside a block: the MLP module, whose output the block adds to the residual."""
 
 
-_LLAMA_LIKE = ArchSpec(blocks="model.layers", final_norm="model.norm", unembed="lm_head")
+_LLAMA_LIKE = ArchSpec(blocks="model.layers", final_norm="model.norm", unembed="lm_head", attention="self_attn", mlp="mlp")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head"),
+    "gpt2": ArchSpec(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", attention="attn", mlp="mlp"),
     "gpt_neox": ArchSpec(
-        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out"
+        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out", attention="attention", mlp="mlp"
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -81,6 +85,11 @@ def get_blocks(model: nn.Module) -> nn.ModuleList:
 def n_blocks(model: nn.Module) -> int:
     """Transformer blocks the model runs (a layer program changes it while active)."""
     return len(get_blocks(model))
+
+
+def get_component(model: nn.Module, block: int, part: str) -> nn.Module:
+    """``part`` (``attention`` or ``mlp``) of block ``block``."""
+    return _get_path(get_blocks(model)[block], getattr(arch_spec(model), part))
 
 
 def get_final_norm(model: nn.Module) -> nn.Module:

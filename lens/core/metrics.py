@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,18 +118,25 @@ class Reading:
 
 
 @torch.no_grad()
-def lens_token_stats(lens: Lens, unembed: Unembed, reading: Reading, top_k: int = 1, chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
-    """Per layer x token: CE vs the reading's targets, KL to the final layer, entropy, top-k ids and probs.
+def lens_token_stats(
+    lens: Lens, unembed: Unembed, reading: Reading, top_k: int = 1, chunk: int = DEFAULT_CHUNK, layers: Sequence[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """Per row x token: CE vs the reading's targets, KL to the final layer, entropy, top-k ids and probs.
 
-    All arrays are ``[L+1, N]`` (top-k: ``[L+1, N, k]``), in nats; CE and target ranks only when the
-    reading has targets. When the reading's residuals hold every
-    layer ``0..L``, row ``L`` is read from ``final_logits``: every lens reads the last layer as the
-    model does, so that row *is* the model's output (KL exactly 0, CE the model's own loss) instead
-    of a re-computation that differs from it in the last bits.
+    Row ``r`` of the residuals is read with the lens' translator for layer ``layers[r]`` (default:
+    ``r``; a layer program's rows stand for other layers, see ``lens.analysis.picture.program_rows``).
+    All arrays are ``[R, N]`` (top-k: ``[R, N, k]``), in nats; CE and target ranks only when the
+    reading has targets. When the last row is read as the final layer ``L``, it is read from
+    ``final_logits``: every lens reads the last layer as the model does, so that row *is* the
+    model's output (KL exactly 0, CE the model's own loss), not a re-computation that differs from
+    it in the last bits.
     """
     residuals, final_logits, targets = reading.residuals, reading.final_logits, reading.targets
     n_rows, n_tokens = residuals.shape[0], residuals.shape[1]
-    output_row = lens.n_layers if n_rows == lens.n_layers + 1 else None
+    layers = list(range(n_rows)) if layers is None else list(layers)
+    if len(layers) != n_rows:
+        raise ValueError(f"{n_rows} rows of residuals but {len(layers)} layers to read them as")
+    output_row = n_rows - 1 if layers[-1] == lens.n_layers else None
     out: dict[str, torch.Tensor] = {
         name: torch.empty(n_rows, n_tokens) for name in ("kl", "entropy", "ce", "target_rank")
     }
@@ -142,7 +150,7 @@ def lens_token_stats(lens: Lens, unembed: Unembed, reading: Reading, top_k: int 
             if layer == output_row:
                 log_q = log_p
             else:
-                log_q = unembed(lens.translate_layer(residuals[layer, sl], layer)).float().log_softmax(-1)  # [c, V]
+                log_q = unembed(lens.translate_layer(residuals[layer, sl], layers[layer])).float().log_softmax(-1)  # [c, V]
             q = log_q.exp()
             # a KL is >= 0; rounding leaves a hair below 0 where lens and model nearly agree
             out["kl"][layer, sl] = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0)

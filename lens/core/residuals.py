@@ -3,7 +3,9 @@
 ``output_hidden_states=True`` is not used on purpose: for GPT-2, NeoX and Llama the last entry
 already has the final norm applied, and a lens must read the raw stream the block wrote.
 Layer ``l`` means "residual after ``l`` blocks": layer 0 is the embedding output (the input of
-block 0) and layer ``n_layers`` is the last block's raw output.
+block 0) and layer ``n_layers`` is the last block's raw output. Each is captured as the input of
+what reads it next (block ``l``, and the final norm after the last block), so a model running no
+blocks at all (a layer program that removes every one) still has its one residual.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from lens.core.arch import get_blocks
+from lens.core.arch import get_blocks, get_final_norm
 
 
 def block_hidden(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -29,21 +31,16 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 @contextmanager
 def record_residuals(model: PreTrainedModel, detach: bool = True) -> Iterator[list[torch.Tensor]]:
-    """Within the block, every forward pass appends ``n_layers + 1`` tensors ``[B, T, d]``."""
-    blocks = get_blocks(model)
+    """Within the block, every forward pass appends ``n_layers + 1`` tensors ``[B, T, d]``: the input
+    of every block, then the input of the final norm."""
     store: list[torch.Tensor] = []
 
-    def keep(h: torch.Tensor) -> None:
+    def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = block_input(args, kwargs)
         store.append(h.detach() if detach else h)
 
-    def pre_hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        keep(block_input(args, kwargs))
-
-    def post_hook(_m: nn.Module, _args: tuple, output: torch.Tensor | tuple) -> None:
-        keep(block_hidden(output))
-
-    handles = [blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    handles += [block.register_forward_hook(post_hook) for block in blocks]
+    readers = [*get_blocks(model), get_final_norm(model)]
+    handles = [reader.register_forward_pre_hook(pre_hook, with_kwargs=True) for reader in readers]
     try:
         yield store
     finally:

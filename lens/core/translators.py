@@ -42,6 +42,8 @@ class Lens(nn.Module):
         super().__init__()
         self.n_layers = n_layers
         self.d_model = d_model
+        self.origin = f"{self.kind} lens"
+        """Which lens this is and how it was made, for figure titles (loaders say more)."""
 
     def translate_layer(self, h: torch.Tensor, layer: int) -> torch.Tensor:  # [..., d] -> [..., d]
         raise NotImplementedError

@@ -7,11 +7,13 @@
         out = model.generate(ids, max_new_tokens=20)
 """
 
+from lens.interventions.ablation import Ablation
 from lens.interventions.base import Intervention, compose, hook_count
 from lens.interventions.steering import ActAdd, ResidualAdd, SteeringVector, actadd_tensor
 from lens.interventions.surgery import LayerProgram
 
 __all__ = [
+    "Ablation",
     "ActAdd",
     "Intervention",
     "LayerProgram",

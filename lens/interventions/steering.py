@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.artifacts.metadata import ArtifactError, ArtifactMeta, ModelRecord
 from lens.artifacts.registry import read_artifact, save_artifact
+from lens.config import InputError
 from lens.core.arch import get_blocks, n_blocks
 from lens.core.residuals import block_hidden, block_input, capture_residuals
 from lens.interventions.base import Intervention, check_coefficient, check_injection_layer
@@ -95,11 +96,22 @@ def space_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, add_special_tokens: bool = True) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, text: str, prepend_bos: bool = False, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text``; with ``prepend_bos``, the tokenizer's BOS first (as the published ActAdd
+    runs on GPT-2 do), so position 0 holds the same token in every prompt and every steered text."""
+    ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    if not prepend_bos:
+        return ids
+    if tokenizer.bos_token_id is None:
+        raise InputError(f"{type(tokenizer).__name__} has no BOS token to prepend: set steering.prepend_bos=false")
+    return [tokenizer.bos_token_id, *ids]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, add_special_tokens: bool = True, prepend_bos: bool = False) -> list[int]:
     """Tokenize like the steered text (same BOS handling); reject prompts with no real token."""
     if not isinstance(prompt, str) or prompt == "":
         raise ValueError(f"empty prompt {prompt!r}: every steering prompt needs at least one character of text")
-    ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    ids = encode(tokenizer, prompt, prepend_bos, add_special_tokens)
     special = set(tokenizer.all_special_ids)
     if not any(i not in special for i in ids):
         raise ValueError(f"prompt {prompt!r} tokenizes to nothing but special tokens ({ids}); give real text")
@@ -114,14 +126,16 @@ def actadd_tensor(
     layer: int,
     coefficient: float,
     add_special_tokens: bool = True,
+    prepend_bos: bool = False,
 ) -> torch.Tensor:
-    """Sum over pairs of ``coefficient * (h_plus - h_minus)`` at ``layer``: ``[k, d]``, k = longest prompt."""
+    """Sum over pairs of ``coefficient * (h_plus - h_minus)`` at ``layer``: ``[k, d]``, k = longest prompt.
+    With ``prepend_bos`` row 0 is BOS - BOS: zero, so position 0 (the attention sink) is not steered."""
     check_injection_layer(model, layer)
     coefficient = check_coefficient(coefficient)
     pad = space_token_id(tokenizer)
     diffs = []
     for plus, minus in pairs:
-        ids = [prompt_ids(tokenizer, p, add_special_tokens) for p in (plus, minus)]
+        ids = [prompt_ids(tokenizer, p, add_special_tokens, prepend_bos) for p in (plus, minus)]
         length = max(map(len, ids))
         batch = torch.tensor([seq + [pad] * (length - len(seq)) for seq in ids], device=model.device)  # [2, k]
         residuals, _ = capture_residuals(model, batch)  # [L+1, 2, k, d]
@@ -145,6 +159,7 @@ class ActAdd(ResidualAdd):
         layer: int,
         coefficient: float = 1.0,
         add_special_tokens: bool = True,
+        prepend_bos: bool = False,
     ) -> None:
         super().__init__(model, layer)
         self.coefficient = check_coefficient(coefficient)
@@ -154,13 +169,14 @@ class ActAdd(ResidualAdd):
             if len(pair) != 2:
                 raise ValueError(f"each ActAdd pair is (plus_prompt, minus_prompt), got {pair!r}")
             for prompt in pair:
-                prompt_ids(tokenizer, prompt, add_special_tokens)  # fail now, before anything is hooked
+                prompt_ids(tokenizer, prompt, add_special_tokens, prepend_bos)  # fail now, before anything is hooked
         self.tokenizer, self.pairs, self.add_special_tokens = tokenizer, list(pairs), add_special_tokens
+        self.prepend_bos = prepend_bos
         self.steering: torch.Tensor | None = None
 
     def offsets(self) -> tuple[torch.Tensor, None]:
         self.steering = actadd_tensor(
-            self.model, self.tokenizer, self.pairs, self.layer, self.coefficient, self.add_special_tokens
+            self.model, self.tokenizer, self.pairs, self.layer, self.coefficient, self.add_special_tokens, self.prepend_bos
         )
         return self.steering, None
 

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from lens.artifacts.registry import load_span_translator
+from lens.config import InputError, ProgramConfig
 from lens.core.arch import get_blocks, n_blocks, set_blocks
 from lens.core.residuals import block_input
 from lens.core.translators import SpanTranslator, check_span
@@ -126,6 +127,16 @@ class LayerProgram(Intervention):
         return cls(model, list(order))
 
     @classmethod
+    def swap(cls, model: nn.Module, block: int) -> "LayerProgram":
+        """Run blocks ``block`` and ``block + 1`` in the other order."""
+        n = n_blocks(model)
+        if not (isinstance(block, int) and 0 <= block < n - 1):
+            raise InputError(f"swap {block!r} out of range: it swaps blocks i and i+1, i runs 0..{n - 2}")
+        order = list(range(n))
+        order[block], order[block + 1] = block + 1, block
+        return cls(model, order)
+
+    @classmethod
     def replace(cls, model: nn.Module, start: int, end: int, translator: nn.Module) -> "LayerProgram":
         """Replace blocks ``start..end-1`` by ``translator`` (residual after start -> after end blocks)."""
         start, end = check_span(model, start, end)
@@ -143,6 +154,27 @@ class LayerProgram(Intervention):
         """A saved span translator in place of its span, after the checks every artifact gets
         (blocks, width, span, unembedding fingerprint of ``model``)."""
         return cls.translated(model, load_span_translator(path, model, allow_mismatch))
+
+    @classmethod
+    def from_config(cls, model: PreTrainedModel, cfg: ProgramConfig) -> "LayerProgram":
+        """The program a config describes (``skip``, ``repeat``, ``swap``, ``steps`` or ``replace``)."""
+        if cfg.skip is not None:
+            return cls.skip(model, *cfg.skip)
+        if cfg.repeat is not None:
+            return cls.repeat(model, *cfg.repeat)
+        if cfg.swap is not None:
+            return cls.swap(model, cfg.swap)
+        if cfg.steps is not None:
+            return cls(model, list(cfg.steps))
+        assert cfg.replace is not None, "ProgramConfig.problems() admits exactly one kind"
+        program = cls.from_file(model, cfg.replace.path)
+        translator = next(step for step in program.program if isinstance(step, SpanTranslator))
+        wanted = {"start": cfg.replace.start, "end": cfg.replace.end}
+        got = {"start": translator.start, "end": translator.end}
+        wrong = [f"replace.{key}={value} (the file has {got[key]})" for key, value in wanted.items() if value is not None and value != got[key]]
+        if wrong:
+            raise InputError(f"replace.path={cfg.replace.path} stands in for blocks {got['start']}..{got['end']}: " + ", ".join(wrong))
+        return program
 
     def apply(self) -> None:
         model, config = self.model, self.model.config

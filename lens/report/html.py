@@ -34,7 +34,9 @@ def html_payload(picture: LossPicture, unit: str = "nats") -> dict[str, Any]:
         ]
     return {
         "tokens": picture.tokens,
-        "layers": picture.n_rows,
+        "rows": {state: picture.row_labels(state) for state in states},
+        "aligned": picture.aligned,
+        "layerOf": [row.layer for row in picture.intervened.rows] if picture.intervened is not None else None,
         "unit": summary["unit"],
         "lens": picture.lens_kind,
         "states": states,
@@ -85,8 +87,9 @@ body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; }
   <label>metric <select id="metric"></select></label>
 </div>
 <div id="legend"><span id="lo"></span><div id="bar"></div><span id="hi"></span><span id="unit" class="muted"></span></div>
-<p class="muted">Row l: the lens on the residual after l blocks; column t: input token t, the cell scores the prediction
-of token t+1. Hover a cell for the top-k predicted tokens.</p>
+<p class="muted">Row: the lens on a residual, read as the layer (residual after n blocks) it stands for; column t: input
+token t, the cell scores the prediction of token t+1. In the difference, rows are aligned by layer and a layer the
+intervention removed is a grey gap. Hover a cell for the top-k predicted tokens.</p>
 <table id="grid"></table>
 <div id="tip"></div>
 <script type="application/json" id="lens-data">__DATA__</script>
@@ -117,23 +120,32 @@ function pct(vals, q) {
   return s.length ? s[Math.floor(q * (s.length - 1))] : 0;
 }
 function top1(state, l, t) { return D.vocab[D.top[state][l][t][0][0]]; }
+// the row of each state that shows what row l of the current mode shows (null: removed by the intervention)
+function rowOf(state, l) {
+  if (mode === "intervened") return state === "intervened" ? l : D.layerOf[l];
+  return state === "intervened" ? D.aligned[l] : l;
+}
 function fmt(v) { return v === null ? "n/a" : v.toFixed(3); }
 
 function render() {
   const grid = document.getElementById("grid"), m = D.metrics[metric], arr = m[mode];
   const [lo, hi] = scale(), stops = mode === "diff" ? DIVERGING : VIRIDIS;
   grid.replaceChildren();
-  for (let l = D.layers - 1; l >= 0; l--) {
+  const rows = D.rows[mode];
+  for (let l = rows.length - 1; l >= 0; l--) {
     const tr = grid.insertRow();
-    const th = document.createElement("th"); th.className = "layer"; th.textContent = l; tr.appendChild(th);
+    const th = document.createElement("th"); th.className = "layer"; th.textContent = rows[l]; tr.appendChild(th);
     D.tokens.forEach((_, t) => {
       const td = tr.insertCell(), v = arr[l][t], u = v === null ? null : (v - lo) / (hi - lo);
       td.className = "cell"; td.dataset.layer = l; td.dataset.token = t;
-      td.style.background = u === null ? "#ddd" : ramp(stops, u);
+      td.style.background = u === null ? "#b0b0b0" : ramp(stops, u);
       td.style.color = mode !== "diff" && u !== null && u < 0.6 ? "#fff" : "#000";
-      const state = mode === "diff" ? "intervened" : mode;
-      const label = top1(state, l, t);
-      td.textContent = mode === "diff" && label === top1("base", l, t) ? "" : label;
+      if (mode === "diff") {
+        const r = rowOf("intervened", l), label = r === null ? "" : top1("intervened", r, t);
+        td.textContent = label === top1("base", l, t) ? "" : label;
+      } else {
+        td.textContent = top1(mode, l, t);
+      }
     });
   }
   const tr = grid.insertRow(); tr.appendChild(document.createElement("th"));
@@ -145,9 +157,11 @@ function render() {
 }
 
 function topTable(state, l, t) {
-  const rows = D.top[state][l][t].map(([i, p]) => "<tr><td>" + esc(D.vocab[i]) + "</td><td>" + p.toFixed(3) + "</td></tr>");
-  return "<td style='vertical-align:top'><b>" + state + "</b> (" + D.metrics[metric].label + " " + fmt(D.metrics[metric][state][l][t]) +
-    ")<table>" + rows.join("") + "</table></td>";
+  const r = rowOf(state, l);
+  if (r === null || r === undefined) return "<td style='vertical-align:top'><b>" + state + "</b>: layer removed</td>";
+  const rows = D.top[state][r][t].map(([i, p]) => "<tr><td>" + esc(D.vocab[i]) + "</td><td>" + p.toFixed(3) + "</td></tr>");
+  return "<td style='vertical-align:top'><b>" + state + "</b> row " + esc(D.rows[state][r]) + " (" + D.metrics[metric].label + " " +
+    fmt(D.metrics[metric][state][r][t]) + ")<table>" + rows.join("") + "</table></td>";
 }
 function esc(s) { const d = document.createElement("div"); d.textContent = s; return d.innerHTML; }
 function showTip(ev) {
@@ -156,7 +170,7 @@ function showTip(ev) {
   const l = +td.dataset.layer, t = +td.dataset.token;
   const next = t + 1 < D.tokens.length ? D.tokens[t + 1] : "(none)";
   const states = D.states.filter(s => s !== "diff");
-  let head = "layer " + l + ", token " + t + " <b>" + esc(D.tokens[t]) + "</b> \u2192 actual next <b>" + esc(next) + "</b>";
+  let head = "row " + esc(D.rows[mode][l]) + ", token " + t + " <b>" + esc(D.tokens[t]) + "</b> \u2192 actual next <b>" + esc(next) + "</b>";
   if (mode === "diff") head += "<br>difference " + fmt(D.metrics[metric].diff[l][t]) + " " + D.unit;
   tip.innerHTML = head + "<table><tr>" + states.map(s => topTable(s, l, t)).join("") + "</tr></table>";
   tip.style.display = "block";

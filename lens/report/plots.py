@@ -14,9 +14,16 @@ import numpy as np  # noqa: E402
 
 from lens.analysis.depth import DepthEvaluation  # noqa: E402
 from lens.analysis.evaluate import LensEvaluation  # noqa: E402
+from lens.analysis.intervention_eval import SteeringGrid  # noqa: E402
 from lens.analysis.picture import METRICS, LossPicture  # noqa: E402
-from lens.analysis.spans import SpanEvaluation  # noqa: E402
+from lens.analysis.spans import ProgramEvaluation, SpanEvaluation, TruncationCurves  # noqa: E402
 from lens.artifacts.files import atomic_path  # noqa: E402
+
+
+def figure_title(model: str, what: str, lens: str, intervention: str, text: str) -> str:
+    """What a researcher needs to read a figure: model, quantity, lens and how it was made, intervention, text."""
+    shown = text if len(text) <= 70 else text[:67] + "..."
+    return f"{model}: {what} through the {lens}\nintervention: {intervention}; text: \u201c{shown}\u201d"
 
 
 def save_figure(fig: "plt.Figure", path: str | Path) -> Path:
@@ -46,48 +53,67 @@ def plot_layer_metrics(results: LensEvaluation, path: str | Path, title: str = "
     return save_figure(fig, path)
 
 
-PANEL_TITLES = {"base": "base model", "intervened": "intervened model", "diff": "intervened - base"}
+PANEL_TITLES = {"base": "base model", "intervened": "intervened model", "diff": "intervened - base (aligned by layer)"}
+GAP_COLOUR = "#b0b0b0"
+"""Cells with no value: a layer the program removed, or the last token (nothing to predict)."""
 
 
 def plot_token_heatmaps(
-    picture: LossPicture, path: str | Path, metric: str = "ce", unit: str = "nats", title: str = ""
+    picture: LossPicture, path: str | Path, metric: str = "ce", unit: str = "nats", title: str = "", write_tokens: bool = True
 ) -> Path:
-    """Layer x token heatmaps of one lens metric: base, intervened, and intervened - base side by side."""
-    panels = {k: v.numpy() for k, v in picture.panels(metric, unit).items()}  # each [L+1, T]
-    n_rows, n_tok = panels["base"].shape
+    """``heatmap_figure`` written to ``path``."""
+    return save_figure(heatmap_figure(picture, metric, unit, title, write_tokens)[0], path)
+
+
+def heatmap_figure(
+    picture: LossPicture, metric: str = "ce", unit: str = "nats", title: str = "", write_tokens: bool = True
+) -> tuple["plt.Figure", dict[str, "plt.Axes"]]:
+    """Row x token heatmaps of one lens metric: base, intervened, and intervened - base side by side.
+
+    Rows are what the lens reads: layers of the intact model, the slots of a layer program (labelled
+    with the layer each stands for). The difference aligns rows by original layer; a layer the
+    program removed is a grey gap, not a zero. Cells are drawn as they are (no interpolation), so
+    every pixel of a cell has a colour of its colour map.
+    """
+    panels = {k: v.numpy() for k, v in picture.panels(metric, unit).items()}  # [L+1 or R, T] each
+    n_tok = len(picture.tokens)
+    n_rows = max(arr.shape[0] for arr in panels.values())
     width = max(4.0, 0.42 * n_tok + 1.5)
     fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * width, max(3.5, 0.2 * n_rows + 1.5)), squeeze=False)
     # 95th percentiles, not maxima: one row (the logit lens on the embeddings) or one attention-sink
     # column can be 10x every other cell; the colour bar arrow marks the clipped values
     vmax = max(float(np.nanpercentile(panels[s], 95)) for s in ("base", "intervened") if s in panels)
-    base_top1 = picture.top1_labels("base")
+    top1 = {state: picture.top1_labels(state) for state in panels if state != "diff"}
+    if "diff" in panels:  # the intervened top-1 at the row aligned with each base row
+        top1["diff"] = [None if i is None else top1["intervened"][i] for i in picture.aligned]
     for ax, (name, arr) in zip(axes[0], panels.items()):
         if name == "diff":
             lim = max(float(np.nanpercentile(np.abs(arr), 95)), 1e-6)
-            image = ax.imshow(arr, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
-            label, extend = f"{METRICS[metric]}, intervened - base [{unit}]", "both"
+            cmap, vmin, top, extend = plt.get_cmap("RdBu_r").copy(), -lim, lim, "both"
+            label = f"{METRICS[metric]}, intervened - base [{unit}]"
         else:
-            image = ax.imshow(arr, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
-            label, extend = f"{METRICS[metric]} [{unit}]", "max"
+            cmap, vmin, top, extend = plt.get_cmap("viridis").copy(), 0.0, vmax, "max"
+            label = f"{METRICS[metric]} [{unit}]"
+        cmap.set_bad(GAP_COLOUR)
+        image = ax.imshow(arr, origin="lower", aspect="auto", cmap=cmap, vmin=vmin, vmax=top, interpolation="nearest")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, extend=extend).set_label(label)
-        if n_rows <= 40 and n_tok <= 32:  # cells are still big enough to read a token
-            top1 = base_top1 if name == "base" else picture.top1_labels("intervened")
-            _write_top1(ax, top1, base_top1 if name == "diff" else None, arr, image.norm)
+        if write_tokens and arr.shape[0] <= 40 and n_tok <= 32:  # cells are still big enough to read a token
+            _write_top1(ax, top1[name], top1["base"] if name == "diff" else None, arr, image.norm)
         ax.set_xticks(range(n_tok), picture.tokens, rotation=90, fontsize=7)
+        ax.set_yticks(range(arr.shape[0]), picture.row_labels(name), fontsize=5 if arr.shape[0] > 24 else 7)
         ax.set_xlabel("input token (each cell scores the prediction of the next one)")
-        ax.set_ylabel("layer (residual after n blocks)")
-        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("row: residual read as layer (after n blocks)")
         ax.set_title(PANEL_TITLES[name])
-    fig.suptitle(title or f"{METRICS[metric]} through the {picture.lens_kind} lens", y=1.02)
-    return save_figure(fig, path)
+    fig.suptitle(title or f"{METRICS[metric]} through the {picture.lens_kind} lens", y=1.02, fontsize=10)
+    return fig, dict(zip(panels, axes[0]))
 
 
 def _write_top1(
-    ax: "plt.Axes", top1: list[list[str]], unless_equal: list[list[str]] | None, arr: np.ndarray, norm: Any
+    ax: "plt.Axes", top1: list, unless_equal: list[list[str]] | None, arr: np.ndarray, norm: Any
 ) -> None:
     """Write each cell's top-1 token; with ``unless_equal``, only where the intervention changed it."""
     for layer, row in enumerate(top1):
-        for tok, label in enumerate(row):
+        for tok, label in enumerate(row or []):
             if unless_equal is not None and label == unless_equal[layer][tok]:
                 continue
             shade = norm(arr[layer, tok])
@@ -95,20 +121,25 @@ def _write_top1(
             ax.text(tok, layer, label.strip()[:6], ha="center", va="center", fontsize=4, color="white" if dark else "black")
 
 
-def plot_final_token_loss(picture: LossPicture, path: str | Path, unit: str = "nats", title: str = "") -> Path:
-    """Per-token loss of the model's own output (the final layer), base vs intervened."""
-    panels = picture.panels("ce", unit)
-    n_tok = len(picture.tokens)
+def plot_final_token_loss(
+    pictures: LossPicture | list[LossPicture], path: str | Path, unit: str = "nats", title: str = "", names: list[str] | None = None
+) -> Path:
+    """Per-token loss of the model's own output: the base model and each intervened one, on one axis
+    (several pictures of the same text, e.g. a cut model with and without a translator)."""
+    pictures = pictures if isinstance(pictures, list) else [pictures]
+    names = names or ["intervened model"] * len(pictures)
+    n_tok = len(pictures[0].tokens)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * n_tok + 2), 3.5))
-    for name, style in (("base", "o-"), ("intervened", "s-")):
-        if name in panels:
-            ax.plot(range(n_tok), panels[name][-1].numpy(), style, markersize=3, label=f"{name} model")
-    ax.set_xticks(range(n_tok), picture.tokens, rotation=90, fontsize=7)
+    ax.plot(range(n_tok), pictures[0].output_ce("base", unit).numpy(), "o-", markersize=3, label="base model")
+    for picture, name, style in zip(pictures, names, ("s-", "^-", "v-", "D-", "x-")):
+        if picture.intervened is not None:
+            ax.plot(range(n_tok), picture.output_ce("intervened", unit).numpy(), style, markersize=3, label=name)
+    ax.set_xticks(range(n_tok), pictures[0].tokens, rotation=90, fontsize=7)
     ax.set_xlabel("input token (loss of predicting the next one)")
-    ax.set_ylabel(f"final-layer cross-entropy [{unit}]")
+    ax.set_ylabel(f"cross-entropy of the model's output [{unit}]")
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "per-token loss of the model's output")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "per-token loss of the model's output", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -180,4 +211,65 @@ def plot_skip_sweep(results: SpanEvaluation, path: str | Path, title: str = "") 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title or f"skipping spans of blocks, {results.tokens} held-out tokens")
+    return save_figure(fig, path)
+
+
+def plot_program_sweep(results: ProgramEvaluation, path: str | Path, title: str = "") -> Path:
+    """CE of every block run twice, every adjacent pair swapped, every attention and MLP zeroed,
+    against the intact model."""
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    kinds = {"repeat": "block i run twice", "swap": "blocks i, i+1 swapped", "attention": "attention of block i zeroed", "mlp": "MLP of block i zeroed"}
+    for (kind, label), style in zip(kinds.items(), ("o-", "s-", "^-", "v-")):
+        names = [name for name in results.ce if name.split()[0] == kind]
+        if names:
+            where = [int(name.split()[1].split(",")[0]) for name in names]
+            ax.plot(where, [results.ce[name] for name in names], style, markersize=3, label=label)
+    ax.axhline(results.intact_ce, color="black", lw=1, label="intact model")
+    ax.set_xlabel("block i")
+    ax.set_ylabel("next-token cross-entropy [nats]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"repeating and swapping blocks, {results.tokens} held-out tokens", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_truncation(curves: TruncationCurves, path: str | Path, title: str = "") -> Path:
+    """Per end: the cut model's CE plain and with each translator, and the lens' CE at the cut, against blocks removed."""
+    ends = list(dict.fromkeys(cut.end for cut in curves.cuts))
+    fig, axes = plt.subplots(1, len(ends), figsize=(6.5 * len(ends), 4.2), squeeze=False)
+    names = {"plain": "blocks removed", "lstsq": "least-squares translator", "kl": "KL-trained translator"}
+    for ax, end in zip(axes[0], ends):
+        cuts = [cut for cut in curves.cuts if cut.end == end]
+        removed = [cut.removed for cut in cuts]
+        for variant, style in zip(cuts[0].ce, ("o-", "s-", "^-")):
+            ax.plot(removed, [cut.ce[variant] for cut in cuts], style, markersize=3, label=f"model output, {names.get(variant, variant)}")
+        ax.plot(removed, [cut.lens_ce for cut in cuts], "k:", label="lens reading the residual at the cut")
+        ax.axhline(curves.intact_ce, color="grey", lw=1, label="intact model")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"blocks removed from the {'end' if end == 'last' else 'start'} of the model")
+        ax.set_ylabel("next-token cross-entropy [nats]")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+        ax.set_title(f"the {end} n blocks removed", fontsize=9)
+    fig.suptitle(title or f"truncation, {curves.tokens} held-out tokens", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_steering_grid(grid: SteeringGrid, path: str | Path, title: str = "") -> Path:
+    """Two layer x coefficient maps: log-prob change on held-out text and on on-topic texts (0 is white)."""
+    fig, axes = plt.subplots(1, 2, figsize=(2 * max(4.5, 0.7 * len(grid.coefficients) + 2.5), max(3.5, 0.4 * len(grid.layers) + 1.8)))
+    panels = (("held_out", grid.held_out, grid.held_out_tokens), ("on_topic", grid.on_topic, grid.on_topic_tokens))
+    for ax, (name, values, tokens) in zip(axes, panels):
+        arr = np.asarray(values, dtype=float)  # [layers, coefficients]
+        lim = max(float(np.nanmax(np.abs(arr))), 1e-6)
+        image = ax.imshow(arr, origin="lower", aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim, interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).set_label("log-prob change, steered - intact [nats/token]")
+        for (i, j), value in np.ndenumerate(arr):
+            ax.text(j, i, f"{value:+.2f}", ha="center", va="center", fontsize=7)
+        ax.set_xticks(range(len(grid.coefficients)), [f"{c:g}" for c in grid.coefficients])
+        ax.set_yticks(range(len(grid.layers)), [str(layer) for layer in grid.layers])
+        ax.set_xlabel("coefficient")
+        ax.set_ylabel("layer (residual after n blocks)")
+        ax.set_title(f"{name.replace('_', '-')} text ({tokens} tokens)", fontsize=9)
+    fig.suptitle(title or "steering, every layer x coefficient", fontsize=10)
     return save_figure(fig, path)

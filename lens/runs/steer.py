@@ -7,31 +7,40 @@ and ``summary.json`` (steering scale, greedy continuations, held-out evaluation)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.analysis.intervention_eval import InterventionEvaluation, ProgramLosses, evaluate_intervention, program_losses
+from lens.analysis.intervention_eval import (
+    InterventionEvaluation,
+    ProgramLosses,
+    SteeringGrid,
+    evaluate_intervention,
+    program_losses,
+    steering_grid,
+)
 from lens.analysis.picture import METRICS, InterventionFactory, build_picture
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
-from lens.config import SteerConfig, SteeringConfig, to_dict
+from lens.config import GenerateConfig, SteerConfig, SteeringConfig, SteerSweepConfig, to_dict
 from lens.core.model import check_fits_model, load_model
 from lens.core.residuals import capture_residuals
 from lens.data.sequences import load_sequences
 from lens.interventions import ActAdd, LayerProgram, ResidualAdd, SteeringVector
+from lens.interventions.steering import encode
 from lens.report.html import write_html
-from lens.report.plots import plot_final_token_loss, plot_token_heatmaps
+from lens.report.plots import figure_title, plot_final_token_loss, plot_steering_grid, plot_token_heatmaps
+from lens.runs.result import Measured
 
 
 def build_steering(cfg: SteeringConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> ResidualAdd:
     """The configured steering intervention (not yet applied)."""
     if cfg.kind == "actadd":
         pairs = [tuple(pair) for pair in cfg.pairs]
-        return ActAdd(model, tokenizer, pairs, layer=cfg.layer, coefficient=cfg.coefficient)  # type: ignore[arg-type]
+        return ActAdd(model, tokenizer, pairs, layer=cfg.layer, coefficient=cfg.coefficient, prepend_bos=cfg.prepend_bos)  # type: ignore[arg-type]
     if cfg.kind == "vector":
         if cfg.vector_path:
             vector = SteeringVector.load(cfg.vector_path, model)
@@ -73,14 +82,14 @@ class SteeringScale:
 
 
 @torch.no_grad()
-def steering_scale(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steer: ResidualAdd, text: str) -> SteeringScale:
+def steering_scale(model: PreTrainedModel, ids: torch.Tensor, steer: ResidualAdd) -> SteeringScale:
     """Norms of the added rows next to the residual norms at the steered layer, on ``text``.
 
     Position 0 is reported apart: it is an attention sink whose norm is several times that of
     the other positions, so the median over positions >= 1 is the fair yardstick.
     """
     rows, tail = steer.offsets()  # [k, d], [d] or None
-    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)  # [1, T]
+    ids = ids.to(model.device)  # [1, T]
     residuals, _ = capture_residuals(model, ids)  # [L+1, 1, T, d]
     norms = residuals[steer.layer, 0].float().norm(dim=-1)  # [T]
     typical = float(norms[1:].median()) if norms.numel() > 1 else float(norms[0])
@@ -90,32 +99,50 @@ def steering_scale(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
 
 @dataclass
 class Continuations:
-    """Greedy continuations of one prompt, intact vs intervened."""
+    """Continuations of one prompt, intact vs intervened: greedy, or sampled (sample ``i`` of both
+    models drawn from the same seed)."""
 
     prompt: str
-    base: str
-    steered: str
+    base: list[str]
+    steered: list[str]
+    decoding: str
 
     def lines(self) -> list[str]:
-        return [f"base:    {self.prompt}{self.base!r}", f"steered: {self.prompt}{self.steered!r}"]
+        out = []
+        for i, (base, steered) in enumerate(zip(self.base, self.steered)):
+            tag = f"[{self.decoding}, {i}] " if len(self.base) > 1 else ""
+            out += [f"base:    {tag}{self.prompt}{base!r}", f"steered: {tag}{self.prompt}{steered!r}"]
+        return out
 
 
 @torch.no_grad()
 def continuations(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, steer: InterventionFactory, prompt: str, max_new_tokens: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    steer: InterventionFactory,
+    prompt: str,
+    cfg: GenerateConfig,
+    seed: int = 0,
+    prepend_bos: bool = False,
 ) -> Continuations:
-    """Greedy continuations of ``prompt`` by the intact and the steered model."""
-    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    """Continuations of ``prompt`` by the intact and the intervened model, as ``cfg`` says."""
+    ids = torch.tensor([encode(tokenizer, prompt, prepend_bos)], device=model.device)  # [1, T]
+    sampled = cfg.temperature > 0
+    kwargs: dict[str, Any] = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sampled, pad_token_id=tokenizer.pad_token_id)
+    if sampled:
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
 
-    def generate() -> str:
-        out = model.generate(**enc, **kwargs)  # [1, T + new]
-        return tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    def generate(i: int) -> str:
+        torch.manual_seed(seed + i)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)  # [1, T + new]
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
-    base = generate()
+    n = cfg.samples if sampled else 1
+    base = [generate(i) for i in range(n)]
     with steer():
-        steered = generate()
-    return Continuations(prompt, base, steered)
+        steered = [generate(i) for i in range(n)]
+    decoding = f"sampled at temperature {cfg.temperature:g}, top-p {cfg.top_p:g}, seeds {seed}..{seed + n - 1}" if sampled else "greedy"
+    return Continuations(prompt, base, steered, decoding)
 
 
 @dataclass
@@ -171,14 +198,17 @@ def steer(cfg: SteerConfig) -> SteerResult:
     lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
     steering = build_steering(cfg.steering, model, tokenizer)
     intervention = lambda: steering  # noqa: E731  one hook object, applied afresh for each forward pass
-    picture = build_picture(model, tokenizer, cfg.picture.text, lens, intervention, top_k=cfg.picture.top_k)
+    bos = cfg.steering.prepend_bos
+    text_ids = torch.tensor([encode(tokenizer, cfg.picture.text, bos)])  # [1, T]
+    picture = build_picture(model, tokenizer, cfg.picture.text, lens, intervention, top_k=cfg.picture.top_k, input_ids=text_ids)
 
     out, unit, label = cfg.run_dir, cfg.picture.unit, describe(cfg.steering)
     for metric in cfg.picture.metrics:
-        title = f"{METRICS[metric]} through the {lens.kind} lens; intervention: {label}"
+        title = figure_title(cfg.model.name, METRICS[metric], lens.origin, label, cfg.picture.text)
         plot_token_heatmaps(picture, out / f"heatmap_{metric}.png", metric=metric, unit=unit, title=title)
-    plot_final_token_loss(picture, out / "final_loss.png", unit=unit, title=f"per-token loss of the model; {label}")
-    write_html(picture, out / "picture.html", unit=unit, title=f"{lens.kind} lens; intervention: {label}")
+    title = figure_title(cfg.model.name, "the model's own per-token loss", lens.origin, label, cfg.picture.text)
+    plot_final_token_loss(picture, out / "final_loss.png", unit=unit, title=title, names=["steered model"])
+    write_html(picture, out / "picture.html", unit=unit, title=figure_title(cfg.model.name, "every layer", lens.origin, label, cfg.picture.text))
     arrays = picture.summary(unit)
     write_json(arrays, out / "picture.json")
 
@@ -187,7 +217,7 @@ def steer(cfg: SteerConfig) -> SteerResult:
         config=to_dict(cfg),
         intervention=label,
         lens=lens.kind,
-        scale=steering_scale(model, tokenizer, steering, cfg.picture.text),
+        scale=steering_scale(model, text_ids, steering),
         picture={
             "unit": unit,
             "final_ce_mean": {s: arrays[s]["final_ce_mean"] for s in ("base", "intervened", "diff")},
@@ -195,16 +225,40 @@ def steer(cfg: SteerConfig) -> SteerResult:
         },
     )
     if cfg.generate.max_new_tokens > 0:
-        result.generation = continuations(model, tokenizer, intervention, cfg.generate.prompt, cfg.generate.max_new_tokens)
+        result.generation = continuations(model, tokenizer, intervention, cfg.generate.prompt, cfg.generate, cfg.seed, bos)
     if cfg.eval.enabled:
         held_out = list(load_sequences(cfg.data, tokenizer, held_out=True, limit=cfg.eval.sequences))  # [T] each
+        if bos:
+            held_out = [torch.cat([torch.tensor([tokenizer.bos_token_id]), seq]) for seq in held_out]
         shift_lens = lens if cfg.eval.lens_shift else None
         result.evaluations["held_out"] = evaluate_intervention(model, held_out, intervention, shift_lens, cfg.eval.confidence)
         if cfg.eval.skips:
             skips = {f"skip {i}..{j}": (lambda i=i, j=j: LayerProgram.skip(model, i, j)) for i, j in cfg.eval.skips}
             result.programs = program_losses(model, held_out, skips)
         if cfg.eval.texts:
-            texts = [tokenizer(t, return_tensors="pt")["input_ids"][0] for t in cfg.eval.texts]
+            texts = [torch.tensor(encode(tokenizer, t, bos)) for t in cfg.eval.texts]
             result.evaluations["texts"] = evaluate_intervention(model, texts, intervention, None, cfg.eval.confidence)
     write_json(result.to_json(), out / "summary.json")
     return result
+
+
+def steer_sweep(cfg: SteerSweepConfig) -> Measured[SteeringGrid]:
+    """Every layer x coefficient of one steering, scored on held-out and on-topic text; JSON + figure."""
+    check_fits_model(cfg)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    bos = cfg.steering.prepend_bos
+    held_out = list(load_sequences(cfg.data, tokenizer, held_out=True, limit=cfg.sequences))  # [T] each
+    if bos:
+        held_out = [torch.cat([torch.tensor([tokenizer.bos_token_id]), seq]) for seq in held_out]
+    on_topic = [torch.tensor(encode(tokenizer, text, bos)) for text in cfg.texts]
+
+    def steering_at(layer: int, coefficient: float) -> InterventionFactory:
+        steering = build_steering(replace(cfg.steering, layer=layer, coefficient=coefficient), model, tokenizer)
+        return lambda: steering
+
+    grid = steering_grid(model, held_out, on_topic, steering_at, cfg.layers, cfg.coefficients)
+    write_json({**grid.to_json(), "config": to_dict(cfg)}, cfg.run_dir / "sweep.json")
+    what = describe(replace(cfg.steering, layer=0, coefficient=1.0)).split(" at layer")[0]
+    plot_steering_grid(grid, cfg.run_dir / "sweep.png", title=f"{cfg.model.name}: {what}, every layer x coefficient")
+    return Measured(cfg.run_dir, grid)

@@ -1,27 +1,47 @@
-"""Skip sweep: how much each span of blocks matters, and how much a linear guess repairs.
+"""Layer surgery on held-out text: sweeps and truncation curves. They live with training because
+their translators can be KL-trained with Lightning, one per span.
 
-For every span ``i..i+n`` (each length ``n`` in the config) on held-out text: next-token CE of
-the intact model, of the model with the span skipped, and of the model with the span replaced
-by a span translator (least squares, or least squares + KL training); plus KL to the intact
-model. ``lens surgery --config configs/skip_sweep_smollm2.yaml key=value ...`` writes
-``skip_sweep.json`` and ``skip_sweep.png`` into the run folder. It lives with training because
-``translators: kl`` trains a translator per span with Lightning.
+Sweep (``kind: sweep``): for every span ``i..i+n`` (each length ``n`` in the config), next-token CE
+of the intact model, of the model with the span skipped, and of the model with the span replaced
+by a span translator (least squares, or least squares + KL training), plus KL to the intact model;
+and, as asked, every block run twice and every adjacent pair swapped. Writes ``skip_sweep.json``
++ ``skip_sweep.png`` and ``programs.json`` + ``repeat_swap.png``.
+
+Truncation (``kind: truncate``): remove the last ``n`` blocks, and the first ``n``, for every
+``n``: the cut model's loss plain and with translators in place of the removed blocks, and what
+the lens reads at the cut. Writes ``truncation.json`` + ``truncation.png``.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import asdict
+from typing import Hashable
+
 import lightning as L
 from transformers import PreTrainedModel
 
-from lens.analysis.spans import Span, SpanEvaluation, evaluate_spans
+from lens.analysis.picture import InterventionFactory, program_rows
+from lens.analysis.spans import (
+    CutScore,
+    Span,
+    SpanEvaluation,
+    SweepEvaluation,
+    TruncationCurves,
+    evaluate_programs,
+    evaluate_spans,
+    score_programs,
+    token_costs,
+)
 from lens.artifacts.files import write_json
-from lens.artifacts.registry import load_span_translator
-from lens.config import InputError, SpanConfig, SurgeryConfig, TranslatorTrainConfig, to_dict
+from lens.artifacts.registry import load_span_translator, resolve_lens
+from lens.config import InputError, SpanConfig, SweepConfig, TranslatorTrainConfig, TruncationConfig, to_dict
 from lens.core.arch import n_blocks
 from lens.core.closed_form import fit_span_translators
 from lens.core.model import check_fits_model, load_model, model_id
 from lens.core.translators import SpanTranslator
-from lens.report.plots import plot_skip_sweep
+from lens.interventions import Ablation, LayerProgram
+from lens.report.plots import plot_program_sweep, plot_skip_sweep, plot_truncation
 from lens.runs.result import Measured
 from lens.training.datamodule import LensDataModule
 from lens.training.translator_run import train_span_translator
@@ -35,8 +55,8 @@ def sweep_spans(n: int, lengths: list[int]) -> list[Span]:
     return [(i, i + k) for k in lengths for i in range(n - k + 1)]
 
 
-def span_run_config(cfg: SurgeryConfig, span: Span) -> TranslatorTrainConfig:
-    """The KL training run the sweep does for one span (``translators: kl``)."""
+def span_run_config(cfg: SweepConfig | TruncationConfig, span: Span) -> TranslatorTrainConfig:
+    """The KL training run a sweep or truncation does for one span."""
     return TranslatorTrainConfig(
         run_name=f"{cfg.run_name}/span_{span[0]:02d}_{span[1]:02d}",
         output_dir=cfg.output_dir,
@@ -49,7 +69,7 @@ def span_run_config(cfg: SurgeryConfig, span: Span) -> TranslatorTrainConfig:
     )
 
 
-def run_skip_sweep(model: PreTrainedModel, data: LensDataModule, cfg: SurgeryConfig) -> SpanEvaluation:
+def run_skip_sweep(model: PreTrainedModel, data: LensDataModule, cfg: SweepConfig) -> SpanEvaluation:
     """Fit a translator per span (unless ``translators: none``), add the saved ones, score every span;
     ``data`` set up."""
     saved = [load_span_translator(path, model) for path in cfg.translator_files]  # before any fitting: fail early
@@ -69,15 +89,99 @@ def run_skip_sweep(model: PreTrainedModel, data: LensDataModule, cfg: SurgeryCon
     return evaluate_spans(model, held_out, spans, translators, cfg.data.batch_size)  # type: ignore[arg-type]
 
 
-def skip_sweep(cfg: SurgeryConfig) -> Measured[SpanEvaluation]:
-    """The whole sweep from a config: model, data, spans, JSON + PNG in ``output_dir/run_name``."""
+def sweep_programs(model: PreTrainedModel, operations: list[str]) -> dict[str, InterventionFactory]:
+    """Every block repeated once (``repeat``), every adjacent pair swapped (``swap``), every block's
+    attention and MLP zeroed (``ablate``), by name."""
+    n, programs = n_blocks(model), {}
+    if "repeat" in operations:
+        programs.update({f"repeat {b}": (lambda b=b: LayerProgram.repeat(model, b, 2)) for b in range(n)})
+    if "swap" in operations:
+        programs.update({f"swap {i},{i + 1}": (lambda i=i: LayerProgram.swap(model, i)) for i in range(n - 1)})
+    if "ablate" in operations:
+        for part in ("attention", "mlp"):
+            programs.update({f"{part} {b}": (lambda b=b, part=part: Ablation(model, b, part)) for b in range(n)})
+    return programs
+
+
+def block_parts(model: PreTrainedModel, block: int) -> dict[str, InterventionFactory]:
+    """Block ``block`` skipped, and its attention and MLP zeroed, by name."""
+    return {
+        f"skip {block}": lambda: LayerProgram.skip(model, block, block + 1),
+        f"attention {block}": lambda: Ablation(model, block, "attention"),
+        f"mlp {block}": lambda: Ablation(model, block, "mlp"),
+    }
+
+
+def prepared(cfg: SweepConfig | TruncationConfig) -> tuple[PreTrainedModel, LensDataModule]:
+    """Checks, seed, the frozen model and the corpus: what every surgery run starts with."""
     check_fits_model(cfg)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
     data = LensDataModule(cfg.data, tokenizer, seed=cfg.seed)
     data.setup("fit")
-    evaluation = run_skip_sweep(model, data, cfg)
-    record = {**evaluation.to_json(), "base_model": model_id(model), "n_layers": n_blocks(model), "translators": cfg.translators}
-    write_json({**record, "config": to_dict(cfg)}, cfg.run_dir / "skip_sweep.json")
-    plot_skip_sweep(evaluation, cfg.run_dir / "skip_sweep.png", title=f"{model_id(model)}: skipping spans of blocks")
-    return Measured(cfg.run_dir, evaluation)
+    return model, data
+
+
+def skip_sweep(cfg: SweepConfig) -> Measured[SweepEvaluation]:
+    """The whole sweep from a config: model, data, programs, JSON + PNG in ``output_dir/run_name``."""
+    model, data = prepared(cfg)
+    result = SweepEvaluation()
+    record = {"base_model": model_id(model), "n_layers": n_blocks(model), "config": to_dict(cfg)}
+    name = model_id(model)
+    if "skip" in cfg.operations:
+        result.spans = run_skip_sweep(model, data, cfg)
+        write_json({**result.spans.to_json(), **record, "translators": cfg.translators}, cfg.run_dir / "skip_sweep.json")
+        plot_skip_sweep(result.spans, cfg.run_dir / "skip_sweep.png", title=f"{name}: skipping spans of blocks")
+    programs = sweep_programs(model, cfg.operations)
+    held_out = data.val_sequences[: cfg.sequences]  # type: ignore[index]
+    if programs:
+        result.programs = evaluate_programs(model, held_out, programs, cfg.data.batch_size)
+        write_json({**result.programs.to_json(), **record}, cfg.run_dir / "programs.json")
+        plot_program_sweep(result.programs, cfg.run_dir / "programs.png", title=f"{name}: every block repeated, swapped or ablated")
+    if cfg.explain:
+        parts = {key: make for block in cfg.explain for key, make in block_parts(model, block).items()}
+        result.explained = token_costs(model, data.tokenizer, held_out, parts, batch_size=cfg.data.batch_size)
+        costs = {key: [asdict(c) for c in costs] for key, costs in result.explained.items()}
+        write_json({"unit": "nats", "tokens": int(held_out[:, 1:].numel()), "costs": costs, **record}, cfg.run_dir / "token_costs.json")
+    return Measured(cfg.run_dir, result)
+
+
+def cut_span(end: str, removed: int, n: int) -> Span:
+    return (n - removed, n) if end == "last" else (0, removed)
+
+
+def truncation(cfg: TruncationConfig) -> Measured[TruncationCurves]:
+    """Truncation curves from a config: every cut from both ends, plain and with translators, and
+    the lens reading the cut model's residual at the cut; JSON + PNG in ``output_dir/run_name``."""
+    model, data = prepared(cfg)
+    lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
+    n = n_blocks(model)
+    cuts = [(end, k, cut_span(end, k, n)) for end in cfg.ends for k in range(1, n + 1)]
+    spans = list(dict.fromkeys(span for _, _, span in cuts))
+    fitted: dict[str, dict[Span, SpanTranslator]] = {}
+    if cfg.translators:
+        fitted["lstsq"] = {span: SpanTranslator.for_span(model, *span) for span in spans}
+        fit_span_translators(model, list(fitted["lstsq"].values()), data.train_sequences(cfg.lstsq_sequences), cfg.data.batch_size, cfg.ridge)
+    if "kl" in cfg.translators:
+        fitted["kl"] = {span: train_span_translator(model, data, span_run_config(cfg, span), copy.deepcopy(t)) for span, t in fitted["lstsq"].items()}
+    fitted = {name: fitted[name] for name in cfg.translators}
+    programs: dict[Hashable, InterventionFactory] = {}
+    lens_rows: dict[Hashable, tuple[int, int]] = {}
+    for end, k, span in cuts:
+        programs[span, "plain"] = lambda span=span: LayerProgram.skip(model, *span)
+        rows = program_rows(LayerProgram.skip(model, *span), n)
+        cut_row = len(rows) - 1 if end == "last" else 0  # the residual at the cut
+        lens_rows[span, "plain"] = (cut_row, rows[cut_row].layer)
+        for name, translators in fitted.items():
+            programs[span, name] = lambda span=span, t=translators[span]: LayerProgram.replace(model, *span, t)
+    held_out = data.val_sequences[: cfg.sequences]  # type: ignore[index]
+    scores = score_programs(model, held_out, programs, cfg.data.batch_size, lens, lens_rows)
+    variants = ["plain", *fitted]
+    curves = TruncationCurves(scores.tokens, scores.intact_ce, lens.origin)
+    for end, k, span in cuts:
+        ce = {v: scores.ce[span, v] for v in variants}
+        kl = {v: scores.kl[span, v] for v in variants}
+        curves.cuts.append(CutScore(end, k, ce, kl, scores.lens_ce[span, "plain"]))
+    write_json({**curves.to_json(), "base_model": model_id(model), "config": to_dict(cfg)}, cfg.run_dir / "truncation.json")
+    plot_truncation(curves, cfg.run_dir / "truncation.png", title=f"{model_id(model)}: removing blocks from either end; lens: {lens.origin}")
+    return Measured(cfg.run_dir, curves)

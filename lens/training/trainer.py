@@ -36,6 +36,7 @@ def lightning_trainer(t: TrainerConfig, optim: OptimConfig, run_dir: Path, **ext
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         enable_progress_bar=t.progress_bar,
+        enable_model_summary=t.progress_bar,  # a quiet run (many small translators) prints neither
         use_distributed_sampler=False,  # the datamodule's batch stream slices batches per process itself
         logger=TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version=""),
         default_root_dir=str(run_dir),
