@@ -52,7 +52,8 @@ def write_html(picture: LossPicture, path: str | Path, unit: str = "nats", title
     data = json.dumps(html_payload(picture, unit), allow_nan=False, ensure_ascii=False)
     # Inside <script> only "</" could end the block; escaping <, > and & keeps the JSON valid and inert.
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    page = PAGE.replace("__TITLE__", html.escape(title or f"loss picture ({picture.lens_kind} lens)"))
+    title = title or f"loss picture ({picture.lens_kind} lens)"
+    page = PAGE.replace("__TITLE__", html.escape(title.replace("\n", "; "))).replace("__HEADING__", html.escape(title).replace("\n", "<br>"))
     page = page.replace("__DATA__", data)
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
@@ -81,7 +82,7 @@ body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; }
 .muted { color: #666; }
 </style></head>
 <body>
-<h3>__TITLE__</h3>
+<h3>__HEADING__</h3>
 <div id="controls">
   <span id="modes"></span>
   <label>metric <select id="metric"></select></label>

@@ -20,10 +20,17 @@ from lens.analysis.spans import ProgramEvaluation, SpanEvaluation, TruncationCur
 from lens.artifacts.files import atomic_path  # noqa: E402
 
 
-def figure_title(model: str, what: str, lens: str, intervention: str, text: str) -> str:
-    """What a researcher needs to read a figure: model, quantity, lens and how it was made, intervention, text."""
+def panels_figure(*args: Any, **kwargs: Any) -> tuple["plt.Figure", Any]:
+    """``plt.subplots`` with constrained layout: colour bars and labels of side-by-side panels never overlap."""
+    return plt.subplots(*args, layout="constrained", **kwargs)
+
+
+def figure_title(model: str, what: str, lens: str | None, intervention: str, text: str) -> str:
+    """What a researcher needs to read a figure: model, quantity, lens and how it was made (None for
+    what needs no lens, such as the model's own loss), intervention, text."""
     shown = text if len(text) <= 70 else text[:67] + "..."
-    return f"{model}: {what} through the {lens}\nintervention: {intervention}; text: \u201c{shown}\u201d"
+    through = f" through the {lens}" if lens else ""
+    return f"{model}: {what}{through}\nintervention: {intervention}; text: \u201c{shown}\u201d"
 
 
 def save_figure(fig: "plt.Figure", path: str | Path) -> Path:
@@ -36,7 +43,7 @@ def save_figure(fig: "plt.Figure", path: str | Path) -> Path:
 
 def plot_layer_metrics(results: LensEvaluation, path: str | Path, title: str = "") -> Path:
     """Per-layer cross-entropy and KL to the final layer (bits), one line per lens."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = panels_figure(1, 2, figsize=(11, 4))
     panels = (("ce", "cross-entropy vs next token"), ("kl", "KL(final || lens)"))
     for ax, (metric, label) in zip(axes, panels):
         for name, per_layer in results.lenses.items():
@@ -79,7 +86,7 @@ def heatmap_figure(
     n_tok = len(picture.tokens)
     n_rows = max(arr.shape[0] for arr in panels.values())
     width = max(4.0, 0.42 * n_tok + 1.5)
-    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * width, max(3.5, 0.2 * n_rows + 1.5)), squeeze=False)
+    fig, axes = panels_figure(1, len(panels), figsize=(len(panels) * width, max(3.5, 0.2 * n_rows + 1.5)), squeeze=False)
     # 95th percentiles, not maxima: one row (the logit lens on the embeddings) or one attention-sink
     # column can be 10x every other cell; the colour bar arrow marks the clipped values
     vmax = max(float(np.nanpercentile(panels[s], 95)) for s in ("base", "intervened") if s in panels)
@@ -104,7 +111,7 @@ def heatmap_figure(
         ax.set_xlabel("input token (each cell scores the prediction of the next one)")
         ax.set_ylabel("row: residual read as layer (after n blocks)")
         ax.set_title(PANEL_TITLES[name])
-    fig.suptitle(title or f"{METRICS[metric]} through the {picture.lens_kind} lens", y=1.02, fontsize=10)
+    fig.suptitle(title or f"{METRICS[metric]} through the {picture.lens_kind} lens", fontsize=10)
     return fig, dict(zip(panels, axes[0]))
 
 
@@ -129,7 +136,7 @@ def plot_final_token_loss(
     pictures = pictures if isinstance(pictures, list) else [pictures]
     names = names or ["intervened model"] * len(pictures)
     n_tok = len(pictures[0].tokens)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * n_tok + 2), 3.5))
+    fig, ax = panels_figure(figsize=(max(6.0, 0.4 * n_tok + 2), 3.5))
     ax.plot(range(n_tok), pictures[0].output_ce("base", unit).numpy(), "o-", markersize=3, label="base model")
     for picture, name, style in zip(pictures, names, ("s-", "^-", "v-", "D-", "x-")):
         if picture.intervened is not None:
@@ -156,7 +163,7 @@ def plot_heatmap(
     """Any matrix (rows bottom-up) with every row and column named: transfer matrices, per-cell divergences."""
     arr = np.asarray(values, dtype=float)  # [rows, cols]
     n_rows, n_cols = arr.shape
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * n_cols + 2.5), max(3.5, 0.22 * n_rows + 1.5)))
+    fig, ax = panels_figure(figsize=(max(4.5, 0.35 * n_cols + 2.5), max(3.5, 0.22 * n_rows + 1.5)))
     image = ax.imshow(arr, origin="lower", aspect="auto", cmap="viridis")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).set_label(cbar_label)
     ax.set_xticks(range(n_cols), [str(x) for x in xlabels], rotation=90, fontsize=7)
@@ -169,7 +176,7 @@ def plot_heatmap(
 
 def plot_eval_depth(results: DepthEvaluation, path: str | Path, title: str = "") -> Path:
     """Per-layer CE [bits/byte], entropy, top-1 agreement with the final layer, and prediction depth."""
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    fig, axes = panels_figure(1, 4, figsize=(18, 3.8))
     panels = (("ce_bpb", "cross-entropy [bits/byte]"), ("entropy", "entropy [nats/token]"), ("agreement", "top-1 = final top-1"))
     for ax, (metric, label) in zip(axes, panels):
         for name, per_layer in results.lenses.items():
@@ -193,7 +200,7 @@ def plot_eval_depth(results: DepthEvaluation, path: str | Path, title: str = "")
 
 def plot_skip_sweep(results: SpanEvaluation, path: str | Path, title: str = "") -> Path:
     """Per span ``i..j``: CE of plain skip and of its translator vs the intact model, and KL to it."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = panels_figure(1, 2, figsize=(12, 4))
     lengths = sorted({row.end - row.start for row in results.spans})
     for ax, metric, label in ((axes[0], "ce", "next-token cross-entropy [nats]"), (axes[1], "kl", "KL(intact || surgered) [nats]")):
         for n in lengths:
@@ -217,7 +224,7 @@ def plot_skip_sweep(results: SpanEvaluation, path: str | Path, title: str = "") 
 def plot_program_sweep(results: ProgramEvaluation, path: str | Path, title: str = "") -> Path:
     """CE of every block run twice, every adjacent pair swapped, every attention and MLP zeroed,
     against the intact model."""
-    fig, ax = plt.subplots(figsize=(10, 3.8))
+    fig, ax = panels_figure(figsize=(10, 3.8))
     kinds = {"repeat": "block i run twice", "swap": "blocks i, i+1 swapped", "attention": "attention of block i zeroed", "mlp": "MLP of block i zeroed"}
     for (kind, label), style in zip(kinds.items(), ("o-", "s-", "^-", "v-")):
         names = [name for name in results.ce if name.split()[0] == kind]
@@ -236,7 +243,7 @@ def plot_program_sweep(results: ProgramEvaluation, path: str | Path, title: str 
 def plot_truncation(curves: TruncationCurves, path: str | Path, title: str = "") -> Path:
     """Per end: the cut model's CE plain and with each translator, and the lens' CE at the cut, against blocks removed."""
     ends = list(dict.fromkeys(cut.end for cut in curves.cuts))
-    fig, axes = plt.subplots(1, len(ends), figsize=(6.5 * len(ends), 4.2), squeeze=False)
+    fig, axes = panels_figure(1, len(ends), figsize=(6.5 * len(ends), 4.2), squeeze=False)
     names = {"plain": "blocks removed", "lstsq": "least-squares translator", "kl": "KL-trained translator"}
     for ax, end in zip(axes[0], ends):
         cuts = [cut for cut in curves.cuts if cut.end == end]
@@ -257,7 +264,7 @@ def plot_truncation(curves: TruncationCurves, path: str | Path, title: str = "")
 
 def plot_steering_grid(grid: SteeringGrid, path: str | Path, title: str = "") -> Path:
     """Two layer x coefficient maps: log-prob change on held-out text and on on-topic texts (0 is white)."""
-    fig, axes = plt.subplots(1, 2, figsize=(2 * max(4.5, 0.7 * len(grid.coefficients) + 2.5), max(3.5, 0.4 * len(grid.layers) + 1.8)))
+    fig, axes = panels_figure(1, 2, figsize=(2 * max(4.5, 0.7 * len(grid.coefficients) + 2.5), max(3.5, 0.4 * len(grid.layers) + 1.8)))
     panels = (("held_out", grid.held_out, grid.held_out_tokens), ("on_topic", grid.on_topic, grid.on_topic_tokens))
     for ax, (name, values, tokens) in zip(axes, panels):
         arr = np.asarray(values, dtype=float)  # [layers, coefficients]

@@ -206,7 +206,7 @@ def steer(cfg: SteerConfig) -> SteerResult:
     for metric in cfg.picture.metrics:
         title = figure_title(cfg.model.name, METRICS[metric], lens.origin, label, cfg.picture.text)
         plot_token_heatmaps(picture, out / f"heatmap_{metric}.png", metric=metric, unit=unit, title=title)
-    title = figure_title(cfg.model.name, "the model's own per-token loss", lens.origin, label, cfg.picture.text)
+    title = figure_title(cfg.model.name, "the model's own per-token loss", None, label, cfg.picture.text)
     plot_final_token_loss(picture, out / "final_loss.png", unit=unit, title=title, names=["steered model"])
     write_html(picture, out / "picture.html", unit=unit, title=figure_title(cfg.model.name, "every layer", lens.origin, label, cfg.picture.text))
     arrays = picture.summary(unit)

@@ -89,7 +89,7 @@ def surgery_pictures(cfg: ProgramPictureConfig) -> ProgramPictures:
         result.programs[name] = record
         pictures.append(picture)
         names.append(name)
-    title = figure_title(cfg.model.name, "the model's own per-token loss", lens.origin, ", ".join(names), text)
+    title = figure_title(cfg.model.name, "the model's own per-token loss", None, ", ".join(names), text)
     plot_final_token_loss(pictures, cfg.run_dir / "final_loss.png", unit=unit, title=title, names=names)
     write_json({"config": to_dict(cfg), "lens": lens.origin, "programs": result.programs}, cfg.run_dir / "summary.json")
     return result

@@ -21,7 +21,7 @@ from typing import Hashable
 import lightning as L
 from transformers import PreTrainedModel
 
-from lens.analysis.picture import InterventionFactory, program_rows
+from lens.analysis.picture import InterventionFactory
 from lens.analysis.spans import (
     CutScore,
     Span,
@@ -169,9 +169,9 @@ def truncation(cfg: TruncationConfig) -> Measured[TruncationCurves]:
     lens_rows: dict[Hashable, tuple[int, int]] = {}
     for end, k, span in cuts:
         programs[span, "plain"] = lambda span=span: LayerProgram.skip(model, *span)
-        rows = program_rows(LayerProgram.skip(model, *span), n)
-        cut_row = len(rows) - 1 if end == "last" else 0  # the residual at the cut
-        lens_rows[span, "plain"] = (cut_row, rows[cut_row].layer)
+        # the residual at the cut, read as the layer the cut model treats it as: after n - k blocks
+        # (the output of a model cut at its end) or the embedding entering block k (cut at its start)
+        lens_rows[span, "plain"] = (n - k, n - k) if end == "last" else (0, k)
         for name, translators in fitted.items():
             programs[span, name] = lambda span=span, t=translators[span]: LayerProgram.replace(model, *span, t)
     held_out = data.val_sequences[: cfg.sequences]  # type: ignore[index]
