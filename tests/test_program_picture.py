@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib import colormaps
 
-from conftest import TEXT, make_model, random_lens
+from conftest import make_model, random_lens
 from lens.analysis.picture import build_picture, identity_rows, program_rows
 from lens.core.metrics import Reading, lens_token_stats
 from lens.core.residuals import capture_residuals

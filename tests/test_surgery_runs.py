@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TEXT, make_model, make_tokenizer
-from lens.artifacts.registry import save_span_translator
+from conftest import TEXT, make_model, make_tokenizer, random_lens
+from lens.artifacts.registry import save_lens, save_span_translator
 from lens.cli import main
 from lens.config import ProgramConfig, ReplaceConfig
 from lens.core.translators import SpanTranslator
@@ -79,11 +79,14 @@ def test_sweep_repeats_swaps_ablations_and_token_costs(inputs, tmp_path, capsys)
     assert "hardest next tokens" in capsys.readouterr().out
 
 
-def test_truncation_curves(inputs, tmp_path):
-    main(["surgery", "kind=truncate", *common(inputs, tmp_path), "lens=logit", "sequences=2", "lstsq_sequences=4",
+def truncation_cuts(inputs: Path, out: Path, lens: str) -> dict:
+    main(["surgery", "kind=truncate", *common(inputs, out), f"lens={lens}", "sequences=2", "lstsq_sequences=4",
           "translators=[lstsq]", "trainer.accelerator=cpu", "run_name=t"])
-    result = json.loads((tmp_path / "t" / "truncation.json").read_text())
-    cuts = {(c["end"], c["removed"]): c for c in result["cuts"]}
+    return {(c["end"], c["removed"]): c for c in json.loads((out / "t" / "truncation.json").read_text())["cuts"]}
+
+
+def test_truncation_curves(inputs, tmp_path):
+    cuts = truncation_cuts(inputs, tmp_path, "logit")
     assert sorted(cuts) == sorted((end, k) for end in ("last", "first") for k in range(1, N + 1))
     # the logit lens reading the last residual of a model cut at its end is that model's own output
     for k in range(1, N + 1):
@@ -92,6 +95,13 @@ def test_truncation_curves(inputs, tmp_path):
     # removing every block from either end is the same model
     assert cuts["last", N]["ce"] == pytest.approx(cuts["first", N]["ce"], abs=1e-6)
     assert (tmp_path / "t" / "truncation.png").stat().st_size > 0
+    # through a tuned lens the two ends read that one residual differently: as layer 0 (cut at the
+    # end, what is left of the model) and as the layer it enters, the output (cut at the start)
+    model = make_model("llama")
+    save_lens(random_lens(model, seed=3, bias_std=0.5), tmp_path / "lens", model)
+    cuts = truncation_cuts(inputs, tmp_path / "tuned", str(tmp_path / "lens"))
+    assert cuts["first", N]["lens_ce"] == pytest.approx(cuts["first", N]["ce"]["plain"], abs=1e-4)
+    assert abs(cuts["last", N]["lens_ce"] - cuts["first", N]["lens_ce"]) > 0.1
 
 
 def test_pictures_of_cut_models_with_a_translator_from_its_file(inputs, tmp_path):

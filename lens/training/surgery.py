@@ -168,20 +168,20 @@ def truncation(cfg: TruncationConfig) -> Measured[TruncationCurves]:
     programs: dict[Hashable, InterventionFactory] = {}
     lens_rows: dict[Hashable, tuple[int, int]] = {}
     for end, k, span in cuts:
-        programs[span, "plain"] = lambda span=span: LayerProgram.skip(model, *span)
+        programs[end, k, "plain"] = lambda span=span: LayerProgram.skip(model, *span)
         # the residual at the cut, read as the layer the cut model treats it as: after n - k blocks
         # (the output of a model cut at its end) or the embedding entering block k (cut at its start)
-        lens_rows[span, "plain"] = (n - k, n - k) if end == "last" else (0, k)
+        lens_rows[end, k, "plain"] = (n - k, n - k) if end == "last" else (0, k)
         for name, translators in fitted.items():
-            programs[span, name] = lambda span=span, t=translators[span]: LayerProgram.replace(model, *span, t)
+            programs[end, k, name] = lambda span=span, t=translators[span]: LayerProgram.replace(model, *span, t)
     held_out = data.val_sequences[: cfg.sequences]  # type: ignore[index]
     scores = score_programs(model, held_out, programs, cfg.data.batch_size, lens, lens_rows)
     variants = ["plain", *fitted]
     curves = TruncationCurves(scores.tokens, scores.intact_ce, lens.origin)
     for end, k, span in cuts:
-        ce = {v: scores.ce[span, v] for v in variants}
-        kl = {v: scores.kl[span, v] for v in variants}
-        curves.cuts.append(CutScore(end, k, ce, kl, scores.lens_ce[span, "plain"]))
+        ce = {v: scores.ce[end, k, v] for v in variants}
+        kl = {v: scores.kl[end, k, v] for v in variants}
+        curves.cuts.append(CutScore(end, k, ce, kl, scores.lens_ce[end, k, "plain"]))
     write_json({**curves.to_json(), "base_model": model_id(model), "config": to_dict(cfg)}, cfg.run_dir / "truncation.json")
     plot_truncation(curves, cfg.run_dir / "truncation.png", title=f"{model_id(model)}: removing blocks from either end; lens: {lens.origin}")
     return Measured(cfg.run_dir, curves)
