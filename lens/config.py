@@ -619,31 +619,35 @@ class SteerEvalConfig(EvalConfig):
 
 
 @dataclass
-class SteerConfig(CorpusRunConfig, ReadsLens):
+class SteeringRunConfig(CorpusRunConfig):
+    """What every ``lens steer`` run shares: its folder under ``eval/out/steer``, a seed, the steering."""
+
+    output_dir: str = "eval/out/steer"
+    seed: int = 0
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+
+
+@dataclass
+class SteerConfig(SteeringRunConfig, ReadsLens):
     """``lens steer --config configs/steer_<name>.yaml``: one steering run, read through the lens.
     Writes heatmaps, the final-layer loss plot, an interactive page and summary JSON."""
 
     kind: Literal["run"] = "run"
     """What ``lens steer`` does: one steering ``run`` (this schema) or a ``sweep`` over layers and coefficients."""
     run_name: str = "steer"
-    output_dir: str = "eval/out/steer"
-    seed: int = 0
-    steering: SteeringConfig = field(default_factory=SteeringConfig)
     picture: PictureConfig = field(default_factory=PictureConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: SteerEvalConfig = field(default_factory=SteerEvalConfig)
 
 
 @dataclass
-class SteerSweepConfig(CorpusRunConfig):
+class SteerSweepConfig(SteeringRunConfig):
     """``lens steer --config configs/steer_sweep_love_hate.yaml``: the held-out and on-topic log-prob
     change of one steering for every layer x coefficient, as a figure and JSON."""
 
     kind: Literal["sweep"] = "sweep"
     """What ``lens steer`` does: a ``sweep`` (this schema) or one steering ``run``."""
     run_name: str = "steer-sweep"
-    output_dir: str = "eval/out/steer"
-    seed: int = 0
     steering: SteeringConfig = field(default_factory=lambda: SteeringConfig(layer=0))
     """The steering; its ``layer`` and ``coefficient`` are replaced by every pair of the grid."""
     layers: list[int] = field(default_factory=lambda: [2, 4, 6, 8, 10, 12, 16, 20, 24])
