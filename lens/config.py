@@ -99,6 +99,7 @@ class Checked:
 
     LIMITS: ClassVar[Mapping[str, Limit]] = {}
     NON_EMPTY: ClassVar[Mapping[str, str]] = {}
+    """Text or list fields that must not be empty, with what they are for."""
     BLOCK_COUNTS: ClassVar[Mapping[str, str]] = {}
     """Fields that count blocks of the model (at most its block count), with what they count."""
 
@@ -381,7 +382,24 @@ class TranslatorTrainConfig(CorpusRunConfig):
 
 
 @dataclass
-class SweepConfig(CorpusRunConfig):
+class FittedSurgeryConfig(CorpusRunConfig):
+    """What surgery runs that fit stand-ins for removed blocks share: the fit, its KL training, the scoring."""
+
+    lstsq_sequences: int = 16
+    """Training sequences the least-squares translators are fitted on."""
+    ridge: float = 1e-3
+    """Ridge penalty of the least-squares fit, relative to the mean Gram diagonal."""
+    sequences: int = 8
+    """Held-out sequences every program is scored on."""
+    optim: OptimConfig = field(default_factory=adam_optim)
+    """KL training of translators (``kl``): Adam, ``optim.num_steps`` steps per span."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    LIMITS = {"lstsq_sequences": at_least(1), "ridge": at_least(0), "sequences": at_least(1)}
+
+
+@dataclass
+class SweepConfig(FittedSurgeryConfig):
     """``lens surgery --config configs/skip_sweep_smollm2.yaml``: skip every span of blocks (with and
     without a translator), repeat every block, swap every adjacent pair; score each on held-out text."""
 
@@ -400,19 +418,9 @@ class SweepConfig(CorpusRunConfig):
     translators: SweepTranslators = "lstsq"
     """Per span: ``none``, ``lstsq`` (closed-form best linear guess of the residual, cheap) or ``kl``
     (lstsq start, then ``optim.num_steps`` KL steps with Lightning; slow on a CPU)."""
-    lstsq_sequences: int = 16
-    """Training sequences the least-squares translators are fitted on."""
-    ridge: float = 1e-3
-    """Ridge penalty of the least-squares fit, relative to the mean Gram diagonal."""
     translator_files: list[str] = field(default_factory=list)
     """Saved span translators (folders written by ``lens train`` with ``kind: translator``), checked
     against the model like a lens; each stands in for its own span, which joins the sweep."""
-    sequences: int = 8
-    """Held-out sequences every span is scored on."""
-    optim: OptimConfig = field(default_factory=adam_optim)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-
-    LIMITS = {"lstsq_sequences": at_least(1), "ridge": at_least(0), "sequences": at_least(1)}
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from super().problems()
@@ -558,12 +566,7 @@ class PictureConfig(Checked):
     """Heatmap PNGs written, one per metric."""
 
     LIMITS = {"top_k": at_least(1)}
-    NON_EMPTY = {"text": "the picture scores each token's prediction of the next"}
-
-    def problems(self) -> Iterator[tuple[str, str]]:
-        yield from super().problems()
-        if not self.metrics:
-            yield "metrics", f"must list at least one of {list(get_args(Metric))}"
+    NON_EMPTY = {"text": "the picture scores each token's prediction of the next", "metrics": f"list some of {list(get_args(Metric))}"}
 
 
 @dataclass
@@ -693,14 +696,11 @@ class ProgramPictureConfig(RunConfig, ReadsLens):
     picture: PictureConfig = field(default_factory=PictureConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
-    def problems(self) -> Iterator[tuple[str, str]]:
-        yield from super().problems()
-        if not self.programs:
-            yield "programs", "must list at least one program"
+    NON_EMPTY = {"programs": "list at least one program"}
 
 
 @dataclass
-class TruncationConfig(CorpusRunConfig, ReadsLens):
+class TruncationConfig(FittedSurgeryConfig, ReadsLens):
     """``lens surgery --config configs/truncate_smollm2.yaml``: remove the last n blocks, and the first
     n, for every n: the model's loss plain and with a least-squares or KL-trained translator in place
     of the removed blocks, and the lens-read loss at the cut."""
@@ -713,21 +713,10 @@ class TruncationConfig(CorpusRunConfig, ReadsLens):
     translators: list[FittedTranslator] = field(default_factory=lambda: ["lstsq", "kl"])
     """Stand-ins for the removed blocks scored next to plain removal: ``lstsq`` (closed form) and
     ``kl`` (lstsq start, then ``optim.num_steps`` KL steps per cut; the slow part)."""
-    lstsq_sequences: int = 16
-    """Training sequences the least-squares translators are fitted on."""
-    ridge: float = 1e-3
-    """Ridge penalty of the least-squares fit, relative to the mean Gram diagonal."""
-    sequences: int = 8
-    """Held-out sequences every cut is scored on."""
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(optimizer="adam", weight_decay=0.0, num_steps=10))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(progress_bar=False))
 
-    LIMITS = {"lstsq_sequences": at_least(1), "ridge": at_least(0), "sequences": at_least(1)}
-
-    def problems(self) -> Iterator[tuple[str, str]]:
-        yield from super().problems()
-        if not self.ends:
-            yield "ends", "must list last, first or both"
+    NON_EMPTY = {"ends": "list last, first or both"}
 
 
 @dataclass
@@ -873,7 +862,7 @@ def check(cfg: Any) -> Iterator[str]:
             value = getattr(section, f.name)
             if f.name in limits and isinstance(value, (int, float)) and not limits[f.name].test(value):
                 yield f"{prefix}{f.name}={value!r} {limits[f.name].text}"
-            elif f.name in non_empty and isinstance(value, str) and not value.strip():
+            elif f.name in non_empty and isinstance(value, (str, list)) and not (value.strip() if isinstance(value, str) else value):
                 yield f"{prefix}{f.name}={value!r}: must not be empty: {non_empty[f.name]}"
         if isinstance(section, Checked):
             yield from (f"{prefix}{name}={getattr(section, name)!r}: {why}" for name, why in section.problems())
@@ -896,6 +885,15 @@ def _valid_keys(schema: type, full_key: str | None) -> list[str]:
             break
         node = node[part]
     return sorted(node.keys()) if OmegaConf.is_dict(node) else []
+
+
+def lens_recipe(train_config: Mapping[str, Any]) -> str | None:
+    """How a tuned lens was trained, in a few words, from its recorded ``TrainConfig`` (None for other records)."""
+    if not {"lens", "optim", "data"} <= train_config.keys():
+        return None
+    lens, data = train_config["lens"], train_config["data"]
+    start = f"closed form on {lens['lstsq_sequences'] * data['seq_len']:,} tokens" if lens["init"] == "lstsq" else "zero start"
+    return f"tuned lens ({start} + {train_config['optim']['num_steps']} KL steps)"
 
 
 def to_dict(cfg: Any) -> dict:

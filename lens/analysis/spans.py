@@ -146,13 +146,19 @@ def evaluate_spans(
 
 
 @dataclass
-class ProgramEvaluation:
-    """Programs that keep every block (repeats, swaps): CE and KL to the intact model, nats per token."""
+class Losses:
+    """Per program (or variant): next-token CE and KL(intact || it), nats per token."""
+
+    ce: dict[str, float]
+    kl: dict[str, float]
+
+
+@dataclass
+class ProgramEvaluation(Losses):
+    """Programs that keep every block (repeats, swaps, ablations), on ``tokens`` held-out tokens."""
 
     tokens: int
     intact_ce: float
-    ce: dict[str, float]
-    kl: dict[str, float]
 
     def to_json(self) -> dict[str, Any]:
         programs = {name: {"ce": self.ce[name], "kl": self.kl[name]} for name in self.ce}
@@ -166,7 +172,7 @@ def evaluate_programs(
     model: PreTrainedModel, sequences: torch.Tensor, programs: dict[str, InterventionFactory], batch_size: int = 4
 ) -> ProgramEvaluation:
     scores = score_programs(model, sequences, programs, batch_size)
-    return ProgramEvaluation(scores.tokens, scores.intact_ce, scores.ce, scores.kl)  # type: ignore[arg-type]
+    return ProgramEvaluation(ce=scores.ce, kl=scores.kl, tokens=scores.tokens, intact_ce=scores.intact_ce)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -228,15 +234,12 @@ class SweepEvaluation:
 
 
 @dataclass
-class CutScore:
-    """``removed`` blocks cut from the ``end`` (``last`` or ``first``) of the model, nats per token."""
+class CutScore(Losses):
+    """``removed`` blocks cut from the ``end`` (``last`` or ``first``): the losses of ``plain`` removal and
+    of each translator standing in for the blocks, and what the lens reads at the cut."""
 
     end: str
     removed: int
-    ce: dict[str, float]
-    """Next-token CE of the cut model: ``plain`` (blocks just removed) and each translator standing in for them."""
-    kl: dict[str, float]
-    """KL(intact || cut model), likewise."""
     lens_ce: float
     """The lens' CE reading the plain cut model's residual at the cut as the layer it stands for."""
 

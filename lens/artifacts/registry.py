@@ -35,6 +35,7 @@ from lens.artifacts.metadata import (
     library_versions,
     model_fingerprint,
 )
+from lens.config import lens_recipe
 from lens.core.arch import n_blocks
 from lens.core.model import model_id
 from lens.core.translators import Lens, SpanTranslator, TunedLens, logit_lens_for
@@ -220,11 +221,9 @@ def filled(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:
 
 def describe_lens(meta: ArtifactMeta, source: str) -> str:
     """How a saved lens was made, in a few words (figure titles name it)."""
-    config = meta.train_config or {}
-    if {"lens", "optim", "data"} <= config.keys():
-        lens_cfg, data = config["lens"], config["data"]
-        start = f"closed form on {lens_cfg['lstsq_sequences'] * data['seq_len']:,} tokens" if lens_cfg["init"] == "lstsq" else "zero start"
-        return f"tuned lens ({start} + {config['optim']['num_steps']} KL steps)"
+    recipe = lens_recipe(meta.train_config or {})
+    if recipe is not None:
+        return recipe
     if meta.details.get("source_layout") == "tuned-lens" or "converted_from" in meta.details:
         return f"tuned lens from the tuned-lens layout ({Path(str(meta.details.get('converted_from', source))).name})"
     return f"tuned lens from {Path(source).name}"

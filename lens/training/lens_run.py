@@ -16,7 +16,7 @@ import lightning as L
 from lens.analysis.evaluate import LensEvaluation, evaluate_lenses
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import save_lens
-from lens.config import TrainConfig, to_dict
+from lens.config import TrainConfig, lens_recipe, to_dict
 from lens.core.closed_form import closed_form_start
 from lens.core.model import check_fits_model, load_model, model_id
 from lens.core.translators import TunedLens, logit_lens_for
@@ -119,5 +119,6 @@ def train(cfg: TrainConfig) -> LensTrainResult:
     held_out = data.val_sequences[: cfg.eval.sequences]  # type: ignore[index]
     result.evaluation = evaluate_lenses(model, {"tuned": lens, "logit": logit_lens_for(model)}, held_out, cfg.data.batch_size)
     write_json({**result.evaluation.to_json(), "base_model": model_id(model), "train_seconds": train_seconds}, run_dir / "eval.json")
-    plot_layer_metrics(result.evaluation, run_dir / "eval.png", title=f"{cfg.run_name}: tuned vs logit lens (held out)")
+    title = f"{model_id(model)}: {lens_recipe(to_dict(cfg))} vs logit lens, {result.evaluation.tokens:,} held-out tokens"
+    plot_layer_metrics(result.evaluation, run_dir / "eval.png", title=title)
     return result

@@ -181,7 +181,7 @@ def truncation(cfg: TruncationConfig) -> Measured[TruncationCurves]:
     for end, k, span in cuts:
         ce = {v: scores.ce[end, k, v] for v in variants}
         kl = {v: scores.kl[end, k, v] for v in variants}
-        curves.cuts.append(CutScore(end, k, ce, kl, scores.lens_ce[end, k, "plain"]))
+        curves.cuts.append(CutScore(ce=ce, kl=kl, end=end, removed=k, lens_ce=scores.lens_ce[end, k, "plain"]))
     write_json({**curves.to_json(), "base_model": model_id(model), "config": to_dict(cfg)}, cfg.run_dir / "truncation.json")
     plot_truncation(curves, cfg.run_dir / "truncation.png", title=f"{model_id(model)}: removing blocks from either end; lens: {lens.origin}")
     return Measured(cfg.run_dir, curves)
