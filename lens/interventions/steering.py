@@ -100,11 +100,14 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str, prepend_bos: bool = Fa
     """Token ids of ``text``; with ``prepend_bos``, the tokenizer's BOS first (as the published ActAdd
     runs on GPT-2 do), so position 0 holds the same token in every prompt and every steered text."""
     ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-    if not prepend_bos:
-        return ids
+    return [bos_id(tokenizer), *ids] if prepend_bos else ids
+
+
+def bos_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's BOS id, or an error saying how to do without one."""
     if tokenizer.bos_token_id is None:
         raise InputError(f"{type(tokenizer).__name__} has no BOS token to prepend: set steering.prepend_bos=false")
-    return [tokenizer.bos_token_id, *ids]
+    return tokenizer.bos_token_id
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, add_special_tokens: bool = True, prepend_bos: bool = False) -> list[int]:

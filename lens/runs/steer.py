@@ -25,12 +25,12 @@ from lens.analysis.intervention_eval import (
 from lens.analysis.picture import METRICS, InterventionFactory, build_picture
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
-from lens.config import GenerateConfig, SteerConfig, SteeringConfig, SteerSweepConfig, to_dict
+from lens.config import DataConfig, GenerateConfig, SteerConfig, SteeringConfig, SteerSweepConfig, to_dict
 from lens.core.model import check_fits_model, load_model
 from lens.core.residuals import capture_residuals
 from lens.data.sequences import load_sequences
 from lens.interventions import ActAdd, LayerProgram, ResidualAdd, SteeringVector
-from lens.interventions.steering import encode
+from lens.interventions.steering import bos_id, encode
 from lens.report.html import write_html
 from lens.report.plots import figure_title, plot_final_token_loss, plot_steering_grid, plot_token_heatmaps
 from lens.runs.result import Measured
@@ -54,13 +54,22 @@ def build_steering(cfg: SteeringConfig, model: PreTrainedModel, tokenizer: PreTr
     raise AssertionError(f"unreachable: the schema admits no steering.kind {cfg.kind!r}")
 
 
+def steering_source(cfg: SteeringConfig) -> str:
+    """What is added, without where or how strongly: the prompt pairs, or where the vector comes from."""
+    if cfg.kind == "actadd":
+        return " + ".join(f'"{plus}" - "{minus}"' for plus, minus in cfg.pairs)
+    return f"vector from {cfg.vector_path}" if cfg.vector_path else f"{cfg.method} contrast vector"
+
+
 def describe(cfg: SteeringConfig) -> str:
     """A one-line label for figure titles."""
-    if cfg.kind == "actadd":
-        what = " + ".join(f'"{plus}" - "{minus}"' for plus, minus in cfg.pairs)
-    else:
-        what = f"vector from {cfg.vector_path}" if cfg.vector_path else f"{cfg.method} contrast vector"
-    return f"{what} at layer {cfg.layer}, coefficient {cfg.coefficient:g}"
+    return f"{steering_source(cfg)} at layer {cfg.layer}, coefficient {cfg.coefficient:g}"
+
+
+def held_out_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, limit: int, prepend_bos: bool) -> list[torch.Tensor]:
+    """Held-out sequences ``[T]`` (``[T+1]`` with BOS in front, as every steered text gets it)."""
+    sequences = list(load_sequences(cfg, tokenizer, held_out=True, limit=limit))
+    return [torch.cat([torch.tensor([bos_id(tokenizer)]), seq]) for seq in sequences] if prepend_bos else sequences
 
 
 @dataclass
@@ -227,9 +236,7 @@ def steer(cfg: SteerConfig) -> SteerResult:
     if cfg.generate.max_new_tokens > 0:
         result.generation = continuations(model, tokenizer, intervention, cfg.generate.prompt, cfg.generate, cfg.seed, bos)
     if cfg.eval.enabled:
-        held_out = list(load_sequences(cfg.data, tokenizer, held_out=True, limit=cfg.eval.sequences))  # [T] each
-        if bos:
-            held_out = [torch.cat([torch.tensor([tokenizer.bos_token_id]), seq]) for seq in held_out]
+        held_out = held_out_sequences(cfg.data, tokenizer, cfg.eval.sequences, bos)
         shift_lens = lens if cfg.eval.lens_shift else None
         result.evaluations["held_out"] = evaluate_intervention(model, held_out, intervention, shift_lens, cfg.eval.confidence)
         if cfg.eval.skips:
@@ -248,9 +255,7 @@ def steer_sweep(cfg: SteerSweepConfig) -> Measured[SteeringGrid]:
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
     bos = cfg.steering.prepend_bos
-    held_out = list(load_sequences(cfg.data, tokenizer, held_out=True, limit=cfg.sequences))  # [T] each
-    if bos:
-        held_out = [torch.cat([torch.tensor([tokenizer.bos_token_id]), seq]) for seq in held_out]
+    held_out = held_out_sequences(cfg.data, tokenizer, cfg.sequences, bos)
     on_topic = [torch.tensor(encode(tokenizer, text, bos)) for text in cfg.texts]
 
     def steering_at(layer: int, coefficient: float) -> InterventionFactory:
@@ -259,6 +264,6 @@ def steer_sweep(cfg: SteerSweepConfig) -> Measured[SteeringGrid]:
 
     grid = steering_grid(model, held_out, on_topic, steering_at, cfg.layers, cfg.coefficients)
     write_json({**grid.to_json(), "config": to_dict(cfg)}, cfg.run_dir / "sweep.json")
-    what = describe(replace(cfg.steering, layer=0, coefficient=1.0)).split(" at layer")[0]
-    plot_steering_grid(grid, cfg.run_dir / "sweep.png", title=f"{cfg.model.name}: {what}, every layer x coefficient")
+    title = f"{cfg.model.name}: {steering_source(cfg.steering)}, every layer x coefficient"
+    plot_steering_grid(grid, cfg.run_dir / "sweep.png", title=title)
     return Measured(cfg.run_dir, grid)
