@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from lens.analysis.layers import LayerMetrics, LayerSums
 from lens.config import Metric
-from lens.core.metrics import Reading, lens_token_stats, next_token_targets
+from lens.core.metrics import Reading, lens_token_stats
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
 
@@ -35,10 +35,7 @@ def scored_batches(model: PreTrainedModel, lenses: dict[str, Lens], batches: Ite
     unembed = Unembed(model)
     for ids in batches:
         ids = ids.to(model.device)  # [b, T]
-        residuals, logits = capture_residuals(model, ids)
-        targets = next_token_targets(ids).flatten()  # [b*T]
-        keep = targets >= 0
-        reading = Reading(residuals.flatten(1, 2).float(), logits.flatten(0, 1).float(), targets).positions(keep)
+        reading = Reading.scored(*capture_residuals(model, ids), ids)
         yield ScoredBatch(ids, reading, {name: lens_token_stats(lens, unembed, reading) for name, lens in lenses.items()})
 
 

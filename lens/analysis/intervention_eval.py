@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from lens.analysis.evaluate import METRICS, scored_batches
 from lens.analysis.layers import LayerMetrics, LayerSums
 from lens.analysis.picture import InterventionFactory
+from lens.core.metrics import next_token_logprobs
 from lens.core.translators import Lens
 
 
@@ -30,10 +31,14 @@ def sequence_logprobs(model: PreTrainedModel, sequences: Sequence[torch.Tensor])
     for seq in sequences:
         if seq.dim() != 1 or seq.shape[0] < 2:
             raise ValueError(f"each sequence must be 1-D with at least 2 tokens, got shape {tuple(seq.shape)}")
-        ids = seq[None].to(model.device)  # [1, T]
-        logp = model(input_ids=ids, use_cache=False).logits[0, :-1].float().log_softmax(-1)  # [T-1, V]
-        out.append(logp.gather(-1, ids[0, 1:, None])[:, 0].cpu())
+        ids = seq.to(model.device)  # [T]
+        out.append(next_token_logprobs(model(input_ids=ids[None], use_cache=False).logits[0], ids).cpu())
     return out
+
+
+def per_sequence_shift(intervened: Sequence[torch.Tensor], base: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[S]``: each sequence's mean log-prob change (intervened - intact), the unit the intervals treat as one observation."""
+    return torch.stack([(i - b).mean() for i, b in zip(intervened, base)])
 
 
 def t_quantile(p: float, df: int) -> float:
@@ -152,7 +157,7 @@ def evaluate_intervention(
     base = sequence_logprobs(model, sequences)
     with intervention():
         steered = sequence_logprobs(model, sequences)
-    per_seq = torch.stack([(s - b).mean() for s, b in zip(steered, base)])  # [S]
+    per_seq = per_sequence_shift(steered, base)  # [S]
     result = InterventionEvaluation(
         sequences=len(sequences),
         tokens=sum(b.numel() for b in base),
@@ -253,17 +258,17 @@ def steering_grid(
     coefficients: Sequence[float],
 ) -> SteeringGrid:
     """Each cell steers with ``steering_at(layer, coefficient)``; the intact log-probs are computed once."""
-    base = {name: sequence_logprobs(model, seqs) for name, seqs in (("held_out", held_out), ("on_topic", on_topic))}
-    cells: dict[str, list[list[float]]] = {name: [] for name in base}
+    texts = {"held_out": held_out, "on_topic": on_topic}
+    base = {name: sequence_logprobs(model, seqs) for name, seqs in texts.items()}
+    cells: dict[str, list[list[float]]] = {name: [] for name in texts}
     bar = tqdm(total=len(layers) * len(coefficients), desc="steering grid", unit="cell")
     for layer in layers:
         for name in cells:
             cells[name].append([])
         for coefficient in coefficients:
             with steering_at(layer, coefficient)():
-                for name, seqs in (("held_out", held_out), ("on_topic", on_topic)):
-                    steered = sequence_logprobs(model, seqs)
-                    cells[name][-1].append(float(torch.stack([(s - b).mean() for s, b in zip(steered, base[name])]).mean()))
+                for name, seqs in texts.items():
+                    cells[name][-1].append(float(per_sequence_shift(sequence_logprobs(model, seqs), base[name]).mean()))
             bar.update()
     bar.close()
     tokens = {name: sum(b.numel() for b in logprobs) for name, logprobs in base.items()}

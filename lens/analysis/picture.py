@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.analysis.layers import json_array, json_float
 from lens.config import InputError, Unit
-from lens.core.metrics import Reading, lens_token_stats, nats_to_bits, next_token_targets
+from lens.core.metrics import Reading, lens_token_stats, nats_to_bits, next_token_ce, next_token_targets
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
 from lens.interventions.surgery import LayerProgram
@@ -218,8 +218,8 @@ def token_stats(model: PreTrainedModel, lens: Lens, input_ids: torch.Tensor, top
     targets = next_token_targets(input_ids[0])  # [T]
     reading = Reading(residuals[:, 0].float(), logits[0], targets)
     stats = lens_token_stats(lens, Unembed(model), reading, top_k=top_k, layers=[row.layer for row in rows])
-    output = logits[0].float().log_softmax(-1)[:-1].gather(-1, targets[:-1, None])[:, 0]  # [T-1]
-    output_ce = torch.cat([-output, output.new_full((1,), torch.nan)]).cpu()
+    output = next_token_ce(logits[0], input_ids[0])  # [T-1]
+    output_ce = torch.cat([output, output.new_full((1,), torch.nan)]).cpu()
     return TokenStats(stats["ce"], stats["kl"], stats["entropy"], stats["top_ids"], stats["top_probs"], output_ce, rows)
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from lens.analysis.picture import InterventionFactory, token_label
-from lens.core.metrics import Reading, kl_to_teacher, lens_token_stats, next_token_ce, next_token_targets
+from lens.core.metrics import Reading, kl_to_teacher, lens_token_stats, next_token_ce
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed, check_span
 from lens.interventions.surgery import LayerProgram
@@ -68,9 +68,7 @@ def score_programs(
                 row, layer = lens_rows[key]
                 if lens is None or (layer == lens.n_layers and row != residuals.shape[0] - 1):
                     raise ValueError(f"{key}: reading row {row} as layer {layer} needs a lens, and layer {layer} only for the last row")
-                targets = next_token_targets(ids).flatten()
-                keep = targets >= 0
-                reading = Reading(residuals[row : row + 1].flatten(1, 2).float(), out.flatten(0, 1).float(), targets).positions(keep)
+                reading = Reading.scored(residuals[row : row + 1], out, ids)
                 ce = lens_token_stats(lens, unembed, reading, layers=[layer])["ce"]
                 sums["lens_ce"][key] = sums["lens_ce"].get(key, 0.0) + ce.sum().item()
     return ProgramScores(

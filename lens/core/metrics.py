@@ -111,6 +111,13 @@ class Reading:
         return Reading(self.residuals[:, index], self.final_logits[index], targets)
 
     @classmethod
+    def scored(cls, residuals: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> "Reading":
+        """One batch's reading (residuals ``[R, b, T, d]``, logits ``[b, T, V]``, ids ``[b, T]``) in
+        float32, at the positions that have a next token to score."""
+        targets = next_token_targets(ids).flatten()  # [b*T]
+        return cls(residuals.flatten(1, 2).float(), logits.flatten(0, 1).float(), targets).positions(targets >= 0)
+
+    @classmethod
     def cat(cls, parts: "list[Reading]") -> "Reading":
         """Readings of several batches as one, positions in order."""
         targets = None if parts[0].targets is None else torch.cat([p.targets for p in parts])  # type: ignore[misc]
@@ -175,9 +182,16 @@ def kl_to_teacher(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Ten
     return (teacher_logp.exp() * (teacher_logp - log_q)).sum(-1)
 
 
+def next_token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Log-prob of every actual next token: ``[..., T, V], [..., T] -> [..., T-1]``. The log-softmax
+    over the vocabulary is the one ``lens_token_stats`` takes, so a model's own loss computed here
+    and its output row read there agree to the bit."""
+    return logits[..., :-1, :].float().log_softmax(-1).gather(-1, ids[..., 1:, None])[..., 0]
+
+
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Per-token cross-entropy against the next token: ``[B, T, V], [B, T] -> [B, T-1]``."""
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return -next_token_logprobs(logits, ids)
 
 
 def nats_to_bits(x: torch.Tensor | float) -> torch.Tensor | float:
