@@ -98,6 +98,13 @@ def load_model(
     return prepare_model(model), prepare_tokenizer(tokenizer)
 
 
+def load_run_model(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A run's frozen model and tokenizer (``cfg.model``), its config checked against the model's own
+    first (``check_fits_model``): a block range or context length that cannot fit fails before any weights load."""
+    check_fits_model(cfg)
+    return load_model(cfg.model.name, cfg.model.dtype)
+
+
 def prepare_model(model: PreTrainedModel) -> PreTrainedModel:
     """Freeze and check a model we did not load ourselves (tests build them from configs)."""
     arch_spec(model)  # fail early, naming the class, for an architecture we cannot map

@@ -26,7 +26,7 @@ from lens.analysis.picture import METRICS, InterventionFactory, build_picture
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
 from lens.config import DataConfig, GenerateConfig, SteerConfig, SteeringConfig, SteerSweepConfig, to_dict
-from lens.core.model import check_fits_model, load_model
+from lens.core.model import load_run_model
 from lens.core.residuals import capture_residuals
 from lens.data.sequences import load_sequences
 from lens.interventions import ActAdd, LayerProgram, ResidualAdd, SteeringVector
@@ -201,9 +201,8 @@ class SteerResult:
 
 def steer(cfg: SteerConfig) -> SteerResult:
     """Picture, figures, continuations and evaluation of one steering config."""
-    check_fits_model(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    model, tokenizer = load_run_model(cfg)
     lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
     steering = build_steering(cfg.steering, model, tokenizer)
     intervention = lambda: steering  # noqa: E731  one hook object, applied afresh for each forward pass
@@ -251,9 +250,8 @@ def steer(cfg: SteerConfig) -> SteerResult:
 
 def steer_sweep(cfg: SteerSweepConfig) -> Measured[SteeringGrid]:
     """Every layer x coefficient of one steering, scored on held-out and on-topic text; JSON + figure."""
-    check_fits_model(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    model, tokenizer = load_run_model(cfg)
     bos = cfg.steering.prepend_bos
     held_out = held_out_sequences(cfg.data, tokenizer, cfg.sequences, bos)
     on_topic = [torch.tensor(encode(tokenizer, text, bos)) for text in cfg.texts]

@@ -22,7 +22,7 @@ from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
 from lens.config import ProgramPictureConfig, to_dict
 from lens.core.arch import n_blocks
-from lens.core.model import check_fits_model, load_model
+from lens.core.model import load_run_model
 from lens.interventions import LayerProgram, compose
 from lens.interventions.steering import encode
 from lens.report.html import write_html
@@ -52,9 +52,8 @@ def folder_name(label: str) -> str:
 
 def surgery_pictures(cfg: ProgramPictureConfig) -> ProgramPictures:
     """One picture per program, all on ``picture.text``; the lens reads every slot as its layer."""
-    check_fits_model(cfg)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    model, tokenizer = load_run_model(cfg)
     lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
     steering = build_steering(cfg.steering, model, tokenizer) if cfg.steering is not None else None
     unit, text, result = cfg.picture.unit, cfg.picture.text, ProgramPictures(cfg.run_dir)

@@ -11,7 +11,7 @@ from lens.analysis.trajectory import compare_readings, read_text, read_trajector
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
 from lens.config import TrajectoryConfig
-from lens.core.model import check_fits_model, load_model
+from lens.core.model import load_run_model
 from lens.core.translators import LogitLens, Unembed
 from lens.report.html import write_html
 from lens.report.plots import plot_heatmap, plot_token_heatmaps
@@ -31,8 +31,7 @@ class TrajectoryResult:
 def trajectory(cfg: TrajectoryConfig) -> TrajectoryResult:
     """Write ``trajectory.{json,png,html}`` and, for a tuned lens, ``trajectory_js.png`` (JS to the logit lens)."""
     out = cfg.run_dir
-    check_fits_model(cfg)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    model, tokenizer = load_run_model(cfg)
     lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
     unembed = Unembed(model)
     ids, reading = read_text(model, tokenizer, cfg.text, cfg.max_tokens)

@@ -12,9 +12,10 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.config import DataConfig
+from lens.config import CorpusRunConfig, DataConfig
+from lens.core.model import load_run_model
 from lens.data.batches import ResumableBatches
 from lens.data.sequences import load_sequences, token_sequences
 
@@ -75,3 +76,13 @@ class LensDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_done = state_dict.get("batches_done", 0)
+
+
+def model_and_data(cfg: CorpusRunConfig) -> tuple[PreTrainedModel, LensDataModule]:
+    """Seed, the frozen model (checked against the config first) and its corpus set up: what every
+    Lightning run starts with."""
+    L.seed_everything(cfg.seed, workers=True)
+    model, tokenizer = load_run_model(cfg)
+    data = LensDataModule(cfg.data, tokenizer, seed=cfg.seed)
+    data.setup("fit")
+    return model, data

@@ -18,7 +18,7 @@ from lens.artifacts.files import write_json
 from lens.artifacts.registry import save_lens
 from lens.config import TrainConfig, lens_recipe, to_dict
 from lens.core.closed_form import closed_form_start
-from lens.core.model import check_fits_model, load_model, model_id
+from lens.core.model import model_id
 from lens.core.translators import TunedLens, logit_lens_for
 from lens.report.plots import plot_layer_metrics
 from lens.training.checkpointing import (
@@ -28,7 +28,7 @@ from lens.training.checkpointing import (
     last_checkpoint,
     periodic_checkpoint,
 )
-from lens.training.datamodule import LensDataModule
+from lens.training.datamodule import model_and_data
 from lens.training.module import TunedLensModule
 from lens.training.trainer import lightning_trainer
 
@@ -89,13 +89,9 @@ def make_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
 
 def train(cfg: TrainConfig) -> LensTrainResult:
     """Train, save and evaluate one tuned lens."""
-    check_fits_model(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_resume(cfg)
     run_dir = cfg.run_dir
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
-    data = LensDataModule(cfg.data, tokenizer, seed=cfg.seed)
-    data.setup("fit")
+    model, data = model_and_data(cfg)
     lens = TunedLens.for_model(model)
 
     started = time.perf_counter()

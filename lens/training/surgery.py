@@ -18,7 +18,6 @@ import copy
 from dataclasses import asdict
 from typing import Hashable
 
-import lightning as L
 from transformers import PreTrainedModel
 
 from lens.analysis.picture import InterventionFactory
@@ -38,12 +37,12 @@ from lens.artifacts.registry import load_span_translator, resolve_lens
 from lens.config import InputError, SpanConfig, SweepConfig, TranslatorTrainConfig, TruncationConfig, to_dict
 from lens.core.arch import n_blocks
 from lens.core.closed_form import fit_span_translators
-from lens.core.model import check_fits_model, load_model, model_id
+from lens.core.model import model_id
 from lens.core.translators import SpanTranslator
 from lens.interventions import Ablation, LayerProgram
 from lens.report.plots import plot_program_sweep, plot_skip_sweep, plot_truncation
 from lens.runs.result import Measured
-from lens.training.datamodule import LensDataModule
+from lens.training.datamodule import LensDataModule, model_and_data
 from lens.training.translator_run import train_span_translator
 
 
@@ -112,19 +111,9 @@ def block_parts(model: PreTrainedModel, block: int) -> dict[str, InterventionFac
     }
 
 
-def prepared(cfg: SweepConfig | TruncationConfig) -> tuple[PreTrainedModel, LensDataModule]:
-    """Checks, seed, the frozen model and the corpus: what every surgery run starts with."""
-    check_fits_model(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
-    data = LensDataModule(cfg.data, tokenizer, seed=cfg.seed)
-    data.setup("fit")
-    return model, data
-
-
 def skip_sweep(cfg: SweepConfig) -> Measured[SweepEvaluation]:
     """The whole sweep from a config: model, data, programs, JSON + PNG in ``output_dir/run_name``."""
-    model, data = prepared(cfg)
+    model, data = model_and_data(cfg)
     result = SweepEvaluation()
     record = {"base_model": model_id(model), "n_layers": n_blocks(model), "config": to_dict(cfg)}
     name = model_id(model)
@@ -153,7 +142,7 @@ def cut_span(end: str, removed: int, n: int) -> Span:
 def truncation(cfg: TruncationConfig) -> Measured[TruncationCurves]:
     """Truncation curves from a config: every cut from both ends, plain and with translators, and
     the lens reading the cut model's residual at the cut; JSON + PNG in ``output_dir/run_name``."""
-    model, data = prepared(cfg)
+    model, data = model_and_data(cfg)
     lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
     n = n_blocks(model)
     cuts = [(end, k, cut_span(end, k, n)) for end in cfg.ends for k in range(1, n + 1)]

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 from transformers import PreTrainedModel
 
 from lens.analysis.spans import SpanEvaluation, evaluate_spans
@@ -18,9 +17,9 @@ from lens.artifacts.files import write_json
 from lens.artifacts.registry import save_span_translator
 from lens.config import TranslatorTrainConfig, to_dict
 from lens.core.closed_form import fit_span_translators
-from lens.core.model import check_fits_model, load_model, model_id
+from lens.core.model import model_id
 from lens.core.translators import SpanTranslator
-from lens.training.datamodule import LensDataModule
+from lens.training.datamodule import LensDataModule, model_and_data
 from lens.training.span_module import SpanTranslatorModule
 from lens.training.trainer import lightning_trainer
 
@@ -55,12 +54,8 @@ def train_span_translator(
 
 def train_translator(cfg: TranslatorTrainConfig) -> TranslatorTrainResult:
     """Train, save and evaluate one span translator."""
-    check_fits_model(cfg)
-    L.seed_everything(cfg.seed, workers=True)
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype)
+    model, data = model_and_data(cfg)
     translator = SpanTranslator.for_span(model, cfg.span.start, cfg.span.end)
-    data = LensDataModule(cfg.data, tokenizer, seed=cfg.seed)
-    data.setup("fit")
     started = time.perf_counter()
     if cfg.span.init == "lstsq":
         fit_span_translators(model, [translator], data.train_sequences(cfg.span.lstsq_sequences), cfg.data.batch_size, cfg.span.ridge)
