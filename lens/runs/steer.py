@@ -22,10 +22,10 @@ from lens.analysis.intervention_eval import (
     program_losses,
     steering_grid,
 )
-from lens.analysis.picture import METRICS, InterventionFactory, build_picture
+from lens.analysis.picture import METRICS, InterventionFactory, LossPicture, build_picture
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
-from lens.config import DataConfig, GenerateConfig, SteerConfig, SteeringConfig, SteerSweepConfig, to_dict
+from lens.config import DataConfig, GenerateConfig, PictureConfig, SteerConfig, SteeringConfig, SteerSweepConfig, to_dict
 from lens.core.model import load_run_model
 from lens.core.residuals import capture_residuals
 from lens.data.sequences import load_sequences
@@ -64,6 +64,18 @@ def steering_source(cfg: SteeringConfig) -> str:
 def describe(cfg: SteeringConfig) -> str:
     """A one-line label for figure titles."""
     return f"{steering_source(cfg)} at layer {cfg.layer}, coefficient {cfg.coefficient:g}"
+
+
+def write_picture(picture: LossPicture, folder: Path, model: str, lens: str, intervention: str, cfg: PictureConfig, rows: str) -> dict[str, Any]:
+    """One picture's files in ``folder``: a heatmap PNG per ``cfg.metrics``, the interactive page
+    (titled for ``rows``: layers or a program's slots) and ``picture.json``; returns those arrays."""
+    for metric in cfg.metrics:
+        title = figure_title(model, METRICS[metric], lens, intervention, picture.text)
+        plot_token_heatmaps(picture, folder / f"heatmap_{metric}.png", metric=metric, unit=cfg.unit, title=title)
+    write_html(picture, folder / "picture.html", unit=cfg.unit, title=figure_title(model, rows, lens, intervention, picture.text))
+    arrays = picture.summary(cfg.unit)
+    write_json(arrays, folder / "picture.json")
+    return arrays
 
 
 def held_out_sequences(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, limit: int, prepend_bos: bool) -> list[torch.Tensor]:
@@ -211,14 +223,9 @@ def steer(cfg: SteerConfig) -> SteerResult:
     picture = build_picture(model, tokenizer, cfg.picture.text, lens, intervention, top_k=cfg.picture.top_k, input_ids=text_ids)
 
     out, unit, label = cfg.run_dir, cfg.picture.unit, describe(cfg.steering)
-    for metric in cfg.picture.metrics:
-        title = figure_title(cfg.model.name, METRICS[metric], lens.origin, label, cfg.picture.text)
-        plot_token_heatmaps(picture, out / f"heatmap_{metric}.png", metric=metric, unit=unit, title=title)
+    arrays = write_picture(picture, out, cfg.model.name, lens.origin, label, cfg.picture, rows="every layer")
     title = figure_title(cfg.model.name, "the model's own per-token loss", None, label, cfg.picture.text)
     plot_final_token_loss(picture, out / "final_loss.png", unit=unit, title=title, names=["steered model"])
-    write_html(picture, out / "picture.html", unit=unit, title=figure_title(cfg.model.name, "every layer", lens.origin, label, cfg.picture.text))
-    arrays = picture.summary(unit)
-    write_json(arrays, out / "picture.json")
 
     result = SteerResult(
         run_dir=out,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lens.analysis.picture import METRICS, build_picture, program_rows
+from lens.analysis.picture import build_picture, program_rows
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import resolve_lens
 from lens.config import ProgramPictureConfig, to_dict
@@ -25,9 +25,8 @@ from lens.core.arch import n_blocks
 from lens.core.model import load_run_model
 from lens.interventions import LayerProgram, compose
 from lens.interventions.steering import encode
-from lens.report.html import write_html
-from lens.report.plots import figure_title, plot_final_token_loss, plot_token_heatmaps
-from lens.runs.steer import Continuations, build_steering, continuations, describe
+from lens.report.plots import figure_title, plot_final_token_loss
+from lens.runs.steer import Continuations, build_steering, continuations, describe, write_picture
 
 
 @dataclass
@@ -70,12 +69,7 @@ def surgery_pictures(cfg: ProgramPictureConfig) -> ProgramPictures:
         rows = program_rows(program, n_blocks(model))
         picture = build_picture(model, tokenizer, text, lens, intervention, cfg.picture.top_k, rows=rows, input_ids=text_ids)
         folder = cfg.run_dir / folder_name(spec.label())
-        for metric in cfg.picture.metrics:
-            title = figure_title(cfg.model.name, METRICS[metric], lens.origin, name, text)
-            plot_token_heatmaps(picture, folder / f"heatmap_{metric}.png", metric=metric, unit=unit, title=title)
-        write_html(picture, folder / "picture.html", unit=unit, title=figure_title(cfg.model.name, "every slot", lens.origin, name, text))
-        arrays = picture.summary(unit)
-        write_json(arrays, folder / "picture.json")
+        arrays = write_picture(picture, folder, cfg.model.name, lens.origin, name, cfg.picture, rows="every slot")
         record: dict[str, Any] = {
             "folder": str(folder),
             "unit": unit,
