@@ -31,6 +31,11 @@ CORPUS_SUFFIXES = frozenset({".txt", ".md", ".json", ".jsonl"})
 """Local corpus files ``data.dataset`` reads."""
 
 
+def written_as_path(text: str) -> bool:
+    """Whether the user wrote a local path (``/``, ``.`` or ``~`` first), not a hub name such as ``gpt2`` or ``org/model``."""
+    return text.startswith(("/", ".", "~"))
+
+
 class LensError(Exception):
     """A problem with what the user asked for (a key, a value, a file): the CLI prints it in one line, exits 2."""
 
@@ -155,8 +160,8 @@ class DataConfig(Checked):
         a corpus in full (undecodable bytes, too little text) still happens when the data loads."""
         yield from super().problems()
         path = Path(self.dataset).expanduser()
-        written_as_path = self.dataset.startswith(("/", ".", "~")) or path.suffix in CORPUS_SUFFIXES
-        if self.dataset == DEFAULT_CORPUS or not (written_as_path or path.exists()):
+        local = written_as_path(self.dataset) or path.suffix in CORPUS_SUFFIXES or path.exists()
+        if self.dataset == DEFAULT_CORPUS or not local:
             return  # the embedded corpus, or a datasets hub name
         if not path.exists():
             yield "dataset", "no such file or folder"
@@ -320,8 +325,7 @@ class ReadsLens(Checked):
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from super().problems()
-        written_as_path = self.lens.startswith(("/", ".", "~"))  # hub ids look like 'gpt2' or 'org/model'
-        if written_as_path and not Path(self.lens).expanduser().is_dir():
+        if written_as_path(self.lens) and not Path(self.lens).expanduser().is_dir():
             yield "lens", "no such folder (give auto, logit, a lens folder or a tuned-lens hub id)"
 
 

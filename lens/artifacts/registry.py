@@ -35,7 +35,7 @@ from lens.artifacts.metadata import (
     library_versions,
     model_fingerprint,
 )
-from lens.config import lens_recipe
+from lens.config import lens_recipe, written_as_path
 from lens.core.arch import n_blocks
 from lens.core.model import model_id
 from lens.core.translators import Lens, SpanTranslator, TunedLens, logit_lens_for
@@ -110,8 +110,7 @@ def locate(src: str | Path, kind: Kind | None) -> Path:
     folder = Path(src)
     if folder.is_dir():
         return folder
-    looks_like_a_path = folder.is_absolute() or str(src).startswith((".", "~")) or folder.exists()
-    if kind in (None, "tuned_lens") and not looks_like_a_path:
+    if kind in (None, "tuned_lens") and not (written_as_path(str(src)) or folder.exists()):
         return tuned_lens.fetch_hub_lens(str(src))
     what = f"a saved {kind}" if kind else "an artifact"
     raise ArtifactNotFoundError(f"{src} is not a folder: {what} is a folder holding its .safetensors file and {CONFIG}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from itertools import islice
 from typing import Iterable, Iterator
 
 import torch
@@ -79,11 +80,8 @@ def pack_sequences(
 def token_sequences(
     cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, held_out: bool, limit: int | None, count: PackCount | None = None
 ) -> Iterator[torch.Tensor]:
-    sequences = pack_sequences(iter_documents(cfg), tokenizer, cfg.seq_len, held_out, cfg.eval_percent, count)
-    for count, seq in enumerate(sequences):
-        if limit is not None and count >= limit:
-            return
-        yield seq
+    """The split's sequences ``[seq_len]``, the first ``limit`` (None: all), streamed."""
+    yield from islice(pack_sequences(iter_documents(cfg), tokenizer, cfg.seq_len, held_out, cfg.eval_percent, count), limit)
 
 
 def load_sequences(
