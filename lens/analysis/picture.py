@@ -118,6 +118,15 @@ class LossPicture:
     intervened: TokenStats | None
     labels: dict[int, str]  # display string of every id in any top-k list
 
+    @classmethod
+    def labelled(
+        cls, tokenizer: PreTrainedTokenizerBase, text: str, token_ids: list[int], lens_kind: str, base: TokenStats, intervened: TokenStats | None = None
+    ) -> "LossPicture":
+        """A picture with the display strings of its input tokens and of every token in a top-k list."""
+        seen = {int(i) for stats in (base, intervened) if stats is not None for i in stats.top_ids.unique()}
+        labels = {i: token_label(tokenizer, i) for i in sorted(seen)}
+        return cls(text, token_ids, [token_label(tokenizer, i) for i in token_ids], lens_kind, base, intervened, labels)
+
     @property
     def n_rows(self) -> int:
         """Rows of the base picture: ``L+1`` (embedding output ... last block's output)."""
@@ -253,17 +262,7 @@ def build_picture(
     if intervention is not None:
         with intervention():
             intervened = token_stats(model, lens, input_ids, top_k, rows)
-    seen = {int(i) for s in (base, intervened) if s is not None for i in s.top_ids.unique()}
-    ids = input_ids[0].tolist()
-    return LossPicture(
-        text=text,
-        token_ids=ids,
-        tokens=[token_label(tokenizer, i) for i in ids],
-        lens_kind=lens.kind,
-        base=base,
-        intervened=intervened,
-        labels={i: token_label(tokenizer, i) for i in sorted(seen)},
-    )
+    return LossPicture.labelled(tokenizer, text, input_ids[0].tolist(), lens.kind, base, intervened)
 
 
 def _check_unit(unit: str) -> str:

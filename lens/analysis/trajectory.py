@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.analysis.layers import json_array
-from lens.analysis.picture import LossPicture, TokenStats, identity_rows, token_label
+from lens.analysis.picture import LossPicture, TokenStats, identity_rows
 from lens.config import InputError
 from lens.core.metrics import DEFAULT_CHUNK, Reading, lens_token_stats, next_token_targets
 from lens.core.residuals import capture_residuals
@@ -130,17 +130,7 @@ def to_picture(traj: Trajectory, tokenizer: PreTrainedTokenizerBase, text: str, 
     """The project's per-token picture of a trajectory, so its heatmap and HTML page draw it."""
     rows = identity_rows(traj.stats["ce"].shape[0] - 1)
     stats = TokenStats(traj.stats["ce"], traj.stats["kl"], traj.stats["entropy"], traj.top_ids, traj.top_probs, traj.stats["ce"][-1], rows)
-    ids = traj.input_ids.tolist()
-    seen = sorted({int(i) for i in traj.top_ids.unique()})
-    return LossPicture(
-        text=text,
-        token_ids=ids,
-        tokens=[token_label(tokenizer, i) for i in ids],
-        lens_kind=lens_kind,
-        base=stats,
-        intervened=None,
-        labels={i: token_label(tokenizer, i) for i in seen},
-    )
+    return LossPicture.labelled(tokenizer, text, traj.input_ids.tolist(), lens_kind, stats)
 
 
 def trajectory_json(traj: Trajectory, picture: LossPicture) -> dict[str, Any]:
