@@ -28,14 +28,26 @@ class ArchSpec:
     """Inside a block: the attention module, whose output the block adds to the residual."""
     mlp: str
     """Inside a block: the MLP module, whose output the block adds to the residual."""
+    attention_out: str
+    """Inside a block: the attention's output projection; its input is the heads' outputs side by
+    side (``[B, T, heads * head_dim]``), which function vectors read one head at a time."""
+    mlp_out: str
+    """Inside a block: the MLP's output projection; its input is the MLP key ROME edits for."""
 
 
-_LLAMA_LIKE = ArchSpec(blocks="model.layers", final_norm="model.norm", unembed="lm_head", attention="self_attn", mlp="mlp")
+_LLAMA_LIKE = ArchSpec(
+    blocks="model.layers", final_norm="model.norm", unembed="lm_head", attention="self_attn", mlp="mlp",
+    attention_out="self_attn.o_proj", mlp_out="mlp.down_proj",
+)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "gpt2": ArchSpec(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", attention="attn", mlp="mlp"),
+    "gpt2": ArchSpec(
+        blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", attention="attn", mlp="mlp",
+        attention_out="attn.c_proj", mlp_out="mlp.c_proj",
+    ),
     "gpt_neox": ArchSpec(
-        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out", attention="attention", mlp="mlp"
+        blocks="gpt_neox.layers", final_norm="gpt_neox.final_layer_norm", unembed="lm_head|embed_out", attention="attention", mlp="mlp",
+        attention_out="attention.dense", mlp_out="mlp.dense_4h_to_h",
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -88,7 +100,7 @@ def n_blocks(model: nn.Module) -> int:
 
 
 def get_component(model: nn.Module, block: int, part: str) -> nn.Module:
-    """``part`` (``attention`` or ``mlp``) of block ``block``."""
+    """``part`` (``attention``, ``mlp``, ``attention_out`` or ``mlp_out``) of block ``block``."""
     return _get_path(get_blocks(model)[block], getattr(arch_spec(model), part))
 
 
