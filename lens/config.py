@@ -65,6 +65,12 @@ SteeringKind = Literal["actadd", "vector"]
 VectorMethod = Literal["mean", "pca"]
 Unit = Literal["nats", "bits"]
 Metric = Literal["ce", "kl", "entropy"]
+IclTask = Literal["antonyms", "country_capital", "plural_singular"]
+"""Word-pair tasks shipped in ``lens/data/tasks/`` (function vectors)."""
+PromptTemplate = Literal["colon", "qa"]
+"""In-context prompt layouts: ``x: y`` lines, or ``Q: x`` / ``A: y`` blocks (function vectors)."""
+TraceKind = Literal["block_out", "mlp", "attention"]
+"""States causal tracing restores: a block's output (the residual), its MLP output, its attention output."""
 
 
 @dataclass(frozen=True)
@@ -761,6 +767,61 @@ class TrajectoryConfig(RunConfig, ReadsLens):
 
 
 @dataclass
+class TraceConfig(RunConfig, ReadsLens):
+    """``lens trace --config configs/trace_smollm2.yaml``: causal tracing (ROME) of one fact, token x
+    block heatmaps, the mean effect per block over the known facts of the fact set, and the traced runs
+    read through the lens."""
+
+    run_name: str = "trace"
+    output_dir: str = "eval/out/trace"
+    seed: int = 0
+    """Seeds the noise draws (the same seed gives the same trace)."""
+    prompt: str = "The Eiffel Tower is located in the city of"
+    """The full prompt, subject written in; the model predicts the object next."""
+    subject: str = "Eiffel Tower"
+    """The subject as written in ``prompt``, starting and ending on token boundaries; its tokens get the noise."""
+    target: Optional[str] = None
+    """The object whose first token's probability is traced (e.g. `` Paris``, leading space); None: the
+    model's own top-1 on the clean prompt."""
+    noise: float = 3.0
+    """Noise std as a multiple of the std of the input-embedding matrix entries (ROME: 3)."""
+    samples: int = 10
+    """Noise draws per trace (seeded by ``seed``); scores average the target probability over them."""
+    window: int = 10
+    """Blocks restored together, centred on each block, in the ``mlp_window`` / ``attention_window`` kinds (1: none)."""
+    kinds: list[TraceKind] = field(default_factory=lambda: ["block_out", "mlp", "attention"])
+    """States restored one (token, block) at a time."""
+    batch_size: int = 128
+    """Sequences per forward pass (restorations x noise draws)."""
+    facts: int = 20
+    """Known facts of the fact set (evenly spaced through them, every relation its share) traced at
+    their last subject token and last token for the mean effect per block (0: none)."""
+    fact_samples: int = 3
+    """Noise draws per known fact."""
+    facts_path: Optional[str] = None
+    """Fact set file (None: the shipped one)."""
+
+    LIMITS = {
+        "noise": at_least(0),
+        "samples": at_least(1),
+        "window": at_least(1),
+        "batch_size": at_least(1),
+        "facts": at_least(0),
+        "fact_samples": at_least(1),
+    }
+    NON_EMPTY = {"prompt": "it is the fact's text", "subject": "its tokens are what the noise corrupts", "kinds": "list some of block_out, mlp, attention"}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.subject and self.subject not in self.prompt:
+            yield "subject", f"{self.subject!r} does not occur in prompt {self.prompt!r}: write it exactly as in the prompt"
+        if self.target is not None and not self.target.strip():
+            yield "target", "must name an object (e.g. ' Paris'), or be null for the model's own top-1"
+        if self.facts_path is not None and not Path(self.facts_path).expanduser().is_file():
+            yield "facts_path", "no such file (leave it null for the shipped fact set)"
+
+
+@dataclass
 class ConvertConfig(Checked):
     """``lens convert SRC DST [model=NAME]``: any loadable lens (ours, a tuned-lens folder or hub id) in our format."""
 
@@ -787,12 +848,235 @@ class CorpusConfig(Checked):
     """Fetch and extract again even if the cached JSONL exists."""
 
 
+@dataclass
+class FunctionVectorConfig(RunConfig, ReadsLens):
+    """``lens function-vector --config configs/fv_smollm2.yaml``: find the heads that carry an in-context
+    task (average indirect effect), sum them into a function vector (Todd et al. 2024), add it at the
+    final token of zero-shot prompts and report accuracy before and after, read through the lens."""
+
+    run_name: str = "fv-antonyms"
+    output_dir: str = "eval/out/function_vector"
+    task: IclTask = "antonyms"
+    """Word-pair task from ``lens/data/tasks/``."""
+    template: PromptTemplate = "qa"
+    """Prompt layout: ``qa`` (``Q: hot`` / ``A: cold`` blocks, Todd et al.'s default; zero-shot ``Q: fast\\nA:``)
+    or ``colon`` (``hot: cold`` lines; zero-shot ``fast:``)."""
+    shots: int = 10
+    """Demonstrations per in-context prompt."""
+    mean_prompts: int = 40
+    """Clean in-context prompts (queries from the train split) averaged for the heads' mean outputs."""
+    aie_prompts: int = 20
+    """Shuffled-label prompts the indirect effects are averaged over."""
+    top_heads: int = 10
+    """Heads summed into the function vector (Todd et al. use 10 for GPT-J's 28 x 16 heads)."""
+    layers: list[int] = field(default_factory=list)
+    """Candidate injection layers (residual after n blocks) tried on the validation split; empty: every layer."""
+    val_fraction: float = 0.2
+    """Share of the word pairs that chooses the layer."""
+    test_fraction: float = 0.4
+    """Share of the word pairs held out for the reported accuracy; the rest gives demonstrations and head statistics."""
+    confidence: float = 0.95
+    """Confidence level of the accuracy intervals."""
+    shuffled_eval: bool = True
+    """Also score shuffled-label in-context prompts of the test split, without and with the vector."""
+
+    LIMITS = {
+        "shots": at_least(1),
+        "mean_prompts": at_least(1),
+        "aie_prompts": at_least(1),
+        "top_heads": at_least(1),
+        "val_fraction": Limit(lambda x: 0 < x < 1, "must be in (0, 1)"),
+        "test_fraction": Limit(lambda x: 0 < x < 1, "must be in (0, 1)"),
+        "confidence": Limit(lambda x: 0 < x < 1, "must be in (0, 1)"),
+    }
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.val_fraction + self.test_fraction >= 1:
+            yield "test_fraction", f"plus val_fraction={self.val_fraction} must stay below 1: the train split gives the demonstrations"
+        if any(layer < 0 for layer in self.layers):
+            yield "layers", "must list layers >= 0 (residual after n blocks)"
+
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        yield from super().fits(shape)
+        if self.layers and max(self.layers) > shape.n_blocks:
+            yield "layers", f"past the last block: {block_range(shape, 'injection layers')}"
+
+
+@dataclass
+class RomeConfig(Checked):
+    """How a ROME edit (Meng et al. 2022) finds its key, its value and the key covariance; the
+    optimisation defaults are ROME's GPT-2 XL settings."""
+
+    layer: str = "auto"
+    """Block whose MLP output projection is edited: a block index, or ``auto``: the block with the
+    largest mean MLP effect at the last subject token in causal tracing of the known facts."""
+    prefixes: int = 10
+    """Random prefixes, sampled by the model from BOS (seeded by ``seed``), put in front of the prompt;
+    the key k* is averaged and v* optimised over them and the plain prompt."""
+    prefix_tokens: int = 10
+    """Tokens per sampled prefix."""
+    steps: int = 25
+    """Adam steps optimising the value v* (ROME: 20)."""
+    lr: float = 0.5
+    """Adam learning rate of the value offset."""
+    weight_decay: float = 0.5
+    """Penalty on |v* - v|^2 / |v|^2, v the MLP output at the last subject token of the plain prompt."""
+    clamp_norm: float = 4.0
+    """After each step |v* - v| is clamped to this multiple of |v|."""
+    kl_factor: float = 0.0625
+    """Weight of the KL term that keeps the next-token distribution on the essence prompts."""
+    essence_prompts: list[str] = field(default_factory=lambda: ["{} is a"])
+    """Prompts with one ``{}`` for the subject whose next-token distribution the edit should keep."""
+    stop_nll: float = 0.05
+    """Stop optimising once the mean NLL of the new object (nats per token) is below this."""
+    covariance_tokens: int = 20000
+    """Corpus tokens (training split) the key covariance C = E[k kᵀ] is estimated from; cached per model, block and count."""
+
+    LIMITS = {
+        "prefixes": at_least(0),
+        "prefix_tokens": at_least(1),
+        "steps": at_least(1),
+        "lr": above(0),
+        "weight_decay": at_least(0),
+        "clamp_norm": above(0),
+        "kl_factor": at_least(0),
+        "stop_nll": at_least(0),
+        "covariance_tokens": at_least(1),
+    }
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.layer != "auto" and not (self.layer.isdigit()):
+            yield "layer", "must be auto or a block index (an integer >= 0)"
+        if any(p.count("{}") != 1 for p in self.essence_prompts):
+            yield "essence_prompts", "each needs exactly one {} for the subject"
+
+    def fits(self, shape: ModelShape) -> Iterator[tuple[str, str]]:
+        yield from super().fits(shape)
+        if self.layer.isdigit() and int(self.layer) >= shape.n_blocks:
+            yield "layer", f"is past the last block: blocks of {shape.name} are 0..{shape.n_blocks - 1}"
+
+
+@dataclass
+class EditConfig(CorpusRunConfig, ReadsLens):
+    """``lens edit --config configs/edit_smollm2.yaml``: one ROME edit read through the lens (picture
+    before vs after, continuations, saved delta), and efficacy, paraphrase, neighbourhood and fluency
+    scores of one edit per known fact of the fact set, each with a confidence interval."""
+
+    kind: Literal["rome"] = "rome"
+    """How ``lens edit`` edits: ``rome`` (a rank-one update of one MLP output projection)."""
+    run_name: str = "edit"
+    output_dir: str = "eval/out/edit"
+    seed: int = 0
+    rome: RomeConfig = field(default_factory=RomeConfig)
+    subject: str = "Eiffel Tower"
+    """Subject of the edit that is pictured and saved."""
+    prompt: str = "The {} is located in the city of"
+    """Its prompt, one ``{}`` for the subject; the model says the object next."""
+    target_true: str = " Paris"
+    """The object the model says now (leading space, as it continues the prompt)."""
+    target_new: str = " Rome"
+    """The object the edit teaches (leading space)."""
+    paraphrases: list[str] = field(default_factory=lambda: ["Where is the Eiffel Tower? It is in the city of"])
+    """Full prompts asking the pictured edit's fact another way (scored like the fact set's)."""
+    neighbourhood: list[str] = field(default_factory=lambda: ["The Louvre is located in the city of"])
+    """Full prompts about other subjects whose object is ``target_true`` (should keep it)."""
+    facts: int = 20
+    """Known facts of the fact set (evenly spaced through them, every relation its share) edited one at a
+    time for the scores (0: only the pictured edit)."""
+    facts_path: Optional[str] = None
+    """Fact set file (None: the shipped one)."""
+    sequences: int = 8
+    """Held-out corpus sequences of ``data.seq_len`` tokens for the fluency measure (perplexity ratio)."""
+    confidence: float = 0.95
+    """Confidence level of every interval."""
+    picture: PictureConfig = field(default_factory=lambda: PictureConfig(text="unused: the edit prompt followed by target_new"))
+    """``top_k``, ``unit`` and ``metrics`` of the lens picture before vs after; its text is always the
+    edit prompt followed by ``target_new``."""
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(prompt="The Eiffel Tower is", max_new_tokens=20))
+
+    LIMITS = {"facts": at_least(0), "sequences": at_least(2), "confidence": Limit(lambda x: 0 < x < 1, "must be in (0, 1)")}
+    NON_EMPTY = {"subject": "it is what the edit rewrites", "target_true": "the object compared against", "target_new": "the object taught"}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.prompt.count("{}") != 1:
+            yield "prompt", "needs exactly one {} for the subject"
+        if self.target_new == self.target_true:
+            yield "target_new", "must differ from target_true"
+        if self.facts_path is not None and not Path(self.facts_path).is_file():
+            yield "facts_path", "no such file"
+
+
+@dataclass
+class DirectionConfig(CorpusRunConfig, ReadsLens):
+    """``lens edit --config configs/direction_smollm2.yaml``: ROME value edits that give each subject a
+    male and a female role noun, a logistic-regression direction among their ``v* − v`` (held-out
+    accuracy by subject), that direction applied as a steering vector and as a rank-one weight delta
+    (pronoun flip rate, fluency cost), and the lens reading of the steered probes."""
+
+    kind: Literal["direction"] = "direction"
+    """``direction``: a value-space direction among many ROME edits of one attribute."""
+    run_name: str = "direction"
+    output_dir: str = "eval/out/edit"
+    seed: int = 0
+    rome: RomeConfig = field(default_factory=lambda: RomeConfig(layer="4", prefixes=5, steps=20))
+    """The edits' ROME settings; ``layer`` must be a block index (the block the fact edits use)."""
+    attributes_path: Optional[str] = None
+    """Attribute set JSON (None: the shipped ``lens/data/attributes/gender.json``)."""
+    values_from: Optional[str] = None
+    """``values.safetensors`` of an earlier direction run with the same model, block, ROME settings,
+    attribute set, subjects and seed: its edits are reused instead of re-running ROME's value step."""
+    subjects: int = 40
+    """Subjects edited (the first ones of the set), each twice: once per label."""
+    held_out: float = 0.25
+    """Share of the subjects (with both their edits) held out from the fit; they also give the probes."""
+    l2: float = 1e-3
+    """L2 penalty of the logistic regression (times |w|² / 2, next to the mean log-loss)."""
+    fit_steps: int = 200
+    """L-BFGS iterations of the logistic regression."""
+    coefficients: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    """Multiples of the mean |v* − v| added along the direction (both signs are applied); the largest
+    is the one read through the lens and continued greedily."""
+    sequences: int = 8
+    """Held-out corpus sequences of ``data.seq_len`` tokens for the weight delta's fluency cost."""
+    max_new_tokens: int = 16
+    """Greedy continuation length of each held-out probe, intact vs edited (0 skips them)."""
+    confidence: float = 0.95
+    """Confidence level of every interval."""
+
+    LIMITS = {
+        "subjects": at_least(4),
+        "held_out": Limit(lambda x: 0 < x < 1, "must be in (0, 1)"),
+        "l2": at_least(0),
+        "fit_steps": at_least(1),
+        "sequences": at_least(2),
+        "max_new_tokens": at_least(0),
+        "confidence": Limit(lambda x: 0 < x < 1, "must be in (0, 1)"),
+    }
+    NON_EMPTY = {"coefficients": "the multiples of the mean |v* − v| the direction is applied with"}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if not self.rome.layer.isdigit():
+            yield "kind", f"needs rome.layer to be a block index (e.g. the block the fact edits chose), got {self.rome.layer!r}"
+        if any(not math.isfinite(c) or c <= 0 for c in self.coefficients):
+            yield "coefficients", "must be finite and > 0 (each is applied with both signs)"
+        if self.attributes_path is not None and not Path(self.attributes_path).is_file():
+            yield "attributes_path", "no such file"
+        if self.values_from is not None and not Path(self.values_from).is_file():
+            yield "values_from", "no such file (a direction run writes values.safetensors in its folder)"
+
+
 TRAIN_KINDS: dict[str, type] = {"lens": TrainConfig, "translator": TranslatorTrainConfig}
 """``lens train`` schemas by the YAML's top-level ``kind`` (``lens`` when absent)."""
 STEER_KINDS: dict[str, type] = {"run": SteerConfig, "sweep": SteerSweepConfig}
 """``lens steer`` schemas by the YAML's top-level ``kind`` (``run`` when absent)."""
 SURGERY_KINDS: dict[str, type] = {"sweep": SweepConfig, "picture": ProgramPictureConfig, "truncate": TruncationConfig}
 """``lens surgery`` schemas by the YAML's top-level ``kind`` (``sweep`` when absent)."""
+EDIT_KINDS: dict[str, type] = {"rome": EditConfig, "direction": DirectionConfig}
+"""``lens edit`` schemas by the YAML's top-level ``kind`` (``rome`` when absent)."""
 
 
 def load_config(schema: type | Mapping[str, type], path: str | Path | None = None, overrides: list[str] | None = None) -> Any:

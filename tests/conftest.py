@@ -76,6 +76,17 @@ def tokenizer():
     return make_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): with
+    two threads on a busy 2-core machine each of hundreds of tiny passes waits on the other thread
+    (50x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

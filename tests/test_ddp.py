@@ -10,9 +10,9 @@ import torch
 
 from lens.artifacts.registry import load_lens
 from lens.data.batches import ResumableBatches
-from tiny_run import assert_same_lens, config, one_thread, overrides, train_in_process, train_py, write_tiny_inputs
+from tiny_run import assert_same_lens, config, overrides, train_in_process, train_py, write_tiny_inputs
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = ("optim.num_steps=6", "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=3")
 

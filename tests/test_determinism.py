@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from lens.data.batches import ResumableBatches
-from tiny_run import one_thread, overrides, train_in_process, write_tiny_inputs
+from tiny_run import overrides, train_in_process, write_tiny_inputs
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = ("optim.num_steps=6", "lens.init=lstsq", "lens.lstsq_sequences=8", "lens.positions_per_layer=16",
        "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=0")

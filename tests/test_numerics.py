@@ -14,9 +14,9 @@ from lens.training.checkpointing import AtomicCheckpointIO, last_checkpoint
 from lens.training.guards import NonFiniteLossError
 from lens.training.module import TunedLensModule
 from lens.core.translators import TunedLens
-from tiny_run import config, one_thread, overrides, train_in_process, write_tiny_inputs
+from tiny_run import config, overrides, train_in_process, write_tiny_inputs
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 START = ("lens.init=lstsq", "lens.lstsq_sequences=8")
 

@@ -18,9 +18,9 @@ from lens.core.model import load_model
 from lens.training.lens_run import train
 from lens.training.checkpointing import AtomicCheckpointIO, last_checkpoint
 from lens.core.translators import TunedLens
-from tiny_run import assert_same_lens, config, one_thread, overrides, train_in_process, train_py, write_tiny_inputs
+from tiny_run import assert_same_lens, config, overrides, train_in_process, train_py, write_tiny_inputs
 
-pytestmark = pytest.mark.usefixtures(one_thread.__name__)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 24
 # lstsq start, random positions and validation mid-run: everything resuming has to get right

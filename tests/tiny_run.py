@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import TEXT, make_model, make_tokenizer
@@ -18,15 +17,6 @@ from lens.training.lens_run import train
 from lens.core.translators import TunedLens
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread; more only fight over the CI machine's cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_tiny_inputs(folder: Path) -> Path:

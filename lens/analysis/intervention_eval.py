@@ -9,7 +9,7 @@ equal-length sequences that is the token mean), with a Student-t interval over s
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -74,6 +74,10 @@ class Interval:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def within(self, low: float, high: float) -> "Interval":
+        """The interval cut to the range the quantity can take (a rate's t-interval can pass 100%)."""
+        return replace(self, low=max(self.low, low), high=min(self.high, high))
 
 
 def mean_difference_ci(per_sequence: torch.Tensor, confidence: float = 0.95) -> Interval:

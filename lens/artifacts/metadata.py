@@ -19,13 +19,14 @@ from lens.config import LensError
 from lens.core.arch import get_unembed, n_blocks
 from lens.core.model import model_id
 
-Kind = Literal["tuned_lens", "span_translator", "steering_vector"]
+Kind = Literal["tuned_lens", "span_translator", "steering_vector", "rank_one_edit"]
 KINDS: tuple[str, ...] = get_args(Kind)
 CONFIG = "config.json"
 WEIGHTS: dict[str, str] = {
     "tuned_lens": "lens.safetensors",
     "span_translator": "translator.safetensors",
     "steering_vector": "vector.safetensors",
+    "rank_one_edit": "edit.safetensors",
 }
 """The safetensors file of each kind, next to ``config.json``."""
 FORMAT_VERSION = 2

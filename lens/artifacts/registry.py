@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.artifacts import tuned_lens
 from lens.artifacts.files import staged_folder, write_bytes, write_json
@@ -37,7 +37,7 @@ from lens.artifacts.metadata import (
 )
 from lens.config import lens_recipe, written_as_path
 from lens.core.arch import n_blocks
-from lens.core.model import model_id
+from lens.core.model import load_run_model, model_id
 from lens.core.translators import Lens, SpanTranslator, TunedLens, logit_lens_for
 
 
@@ -257,6 +257,12 @@ def resolve_lens(spec: str, model: PreTrainedModel, model_name: str, allow_misma
             return logit_lens_for(model)
         spec = str(trained)
     return load_lens(spec, model, allow_mismatch)
+
+
+def run_model_and_lens(cfg: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Lens]:
+    """A run's model (its config checked against the model's first) and the lens it reads it with."""
+    model, tokenizer = load_run_model(cfg)
+    return model, tokenizer, resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
 
 
 def convert(

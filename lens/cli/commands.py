@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 from lens.config import (
+    EDIT_KINDS,
     STEER_KINDS,
     SURGERY_KINDS,
     TRAIN_KINDS,
     ConvertConfig,
     CorpusConfig,
+    FunctionVectorConfig,
     LensEvalConfig,
+    TraceConfig,
     TrajectoryConfig,
 )
 
@@ -88,6 +91,22 @@ COMMANDS: dict[str, Command] = {
         "cut the model: sweep skips, repeats and swaps (kind: sweep), draw per-token pictures (kind: picture), truncate either end (kind: truncate)",
         SURGERY_KINDS,
         {"sweep": "lens.training.surgery:skip_sweep", "picture": "lens.runs.surgery:surgery_pictures", "truncate": "lens.training.surgery:truncation"},
+    ),
+    "edit": Command(
+        "edit one fact with ROME (kind: rome), read the edit through the lens, score one edit per known fact; "
+        "or find an attribute direction among many edits' values and apply it (kind: direction)",
+        EDIT_KINDS,
+        {"rome": "lens.runs.edit:edit", "direction": "lens.runs.direction:direction"},
+    ),
+    "trace": Command(
+        "causal tracing (ROME) of one fact: token x block heatmaps, the mean effect per block over the known facts, the traced runs through the lens",
+        TraceConfig,
+        "lens.runs.trace:trace",
+    ),
+    "function-vector": Command(
+        "find the heads that carry an in-context task, add their sum (a function vector) to zero-shot prompts, read it through the lens",
+        FunctionVectorConfig,
+        "lens.runs.function_vector:function_vector",
     ),
     "trajectory": Command("what every layer predicts at every token of one text", TrajectoryConfig, "lens.runs.trajectory:trajectory"),
     "convert": Command("write any loadable lens (ours, tuned-lens folder or hub id) in this project's format", ConvertConfig, "lens.cli.commands:convert"),

@@ -9,6 +9,7 @@
 
 from lens.interventions.ablation import Ablation
 from lens.interventions.base import Intervention, compose, hook_count
+from lens.interventions.rome import RankOneDelta, RankOneEdit
 from lens.interventions.steering import ActAdd, ResidualAdd, SteeringVector, actadd_tensor
 from lens.interventions.surgery import LayerProgram
 
@@ -17,6 +18,8 @@ __all__ = [
     "ActAdd",
     "Intervention",
     "LayerProgram",
+    "RankOneDelta",
+    "RankOneEdit",
     "ResidualAdd",
     "SteeringVector",
     "actadd_tensor",

@@ -48,16 +48,38 @@ def html_payload(picture: LossPicture, unit: str = "nats") -> dict[str, Any]:
 
 def write_html(picture: LossPicture, path: str | Path, unit: str = "nats", title: str = "") -> Path:
     """Write the interactive page for ``picture`` to ``path`` (atomically) and return the path."""
+    return _write_page(PAGE, html_payload(picture, unit), path, title or f"loss picture ({picture.lens_kind} lens)")
+
+
+def write_grid_html(grids: dict[str, dict[str, Any]], path: str | Path, title: str, note: str = "") -> Path:
+    """A page of named grids, one shown at a time: each ``{"rows": [...], "cols": [...], "values":
+    [rows][cols], "label": colour-bar label with unit}``, rows drawn bottom-up as in the PNGs; hovering
+    a cell shows its row, column and value (None: no value, grey)."""
+    return _write_page(GRID_PAGE.replace("__NOTE__", html.escape(note)), {"grids": grids}, path, title)
+
+
+def _write_page(template: str, payload: dict[str, Any], path: str | Path, title: str) -> Path:
     path = Path(path)
-    data = json.dumps(html_payload(picture, unit), allow_nan=False, ensure_ascii=False)
+    data = json.dumps(payload, allow_nan=False, ensure_ascii=False)
     # Inside <script> only "</" could end the block; escaping <, > and & keeps the JSON valid and inert.
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    title = title or f"loss picture ({picture.lens_kind} lens)"
-    page = PAGE.replace("__TITLE__", html.escape(title.replace("\n", "; "))).replace("__HEADING__", html.escape(title).replace("\n", "<br>"))
-    page = page.replace("__DATA__", data)
+    page = template.replace("__TITLE__", html.escape(title.replace("\n", "; "))).replace("__HEADING__", html.escape(title).replace("\n", "<br>"))
+    page = page.replace("__COLOURS__", COLOURS).replace("__DATA__", data)
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+COLOURS = """const VIRIDIS = ["#440154","#482878","#3e4989","#31688e","#26828e","#1f9e89","#35b779","#6ece58","#b5de2b","#fde725"];
+const DIVERGING = ["#2166ac","#67a9cf","#d1e5f0","#f7f7f7","#fddbc7","#ef8a62","#b2182b"];
+function hex(c) { return [1, 3, 5].map(i => parseInt(c.slice(i, i + 2), 16)); }
+function ramp(stops, t) {
+  t = Math.min(1, Math.max(0, t));
+  const x = t * (stops.length - 1), i = Math.min(stops.length - 2, Math.floor(x)), f = x - i;
+  const a = hex(stops[i]), b = hex(stops[i + 1]);
+  return "rgb(" + a.map((v, k) => Math.round(v + f * (b[k] - v))).join(",") + ")";
+}"""
+"""The colour maps every page draws with (viridis as in the PNGs, a red-blue diverging map)."""
 
 
 PAGE = """<!DOCTYPE html>
@@ -97,17 +119,9 @@ intervention removed is a grey gap. Hover a cell for the top-k predicted tokens.
 <script>
 "use strict";
 const D = JSON.parse(document.getElementById("lens-data").textContent);
-const VIRIDIS = ["#440154","#482878","#3e4989","#31688e","#26828e","#1f9e89","#35b779","#6ece58","#b5de2b","#fde725"];
-const DIVERGING = ["#2166ac","#67a9cf","#d1e5f0","#f7f7f7","#fddbc7","#ef8a62","#b2182b"];
+__COLOURS__
 let mode = D.states.includes("diff") ? "diff" : "base", metric = "ce";
 
-function hex(c) { return [1, 3, 5].map(i => parseInt(c.slice(i, i + 2), 16)); }
-function ramp(stops, t) {
-  t = Math.min(1, Math.max(0, t));
-  const x = t * (stops.length - 1), i = Math.min(stops.length - 2, Math.floor(x)), f = x - i;
-  const a = hex(stops[i]), b = hex(stops[i + 1]);
-  return "rgb(" + a.map((v, k) => Math.round(v + f * (b[k] - v))).join(",") + ")";
-}
 function scale() {
   const m = D.metrics[metric];
   const vals = (mode === "diff" ? [m.diff] : D.states.filter(s => s !== "diff").map(s => m[s]))
@@ -189,6 +203,83 @@ D.states.forEach(s => {
 const select = document.getElementById("metric");
 Object.keys(D.metrics).forEach(k => select.add(new Option(D.metrics[k].label, k)));
 select.addEventListener("change", () => { metric = select.value; render(); });
+document.getElementById("grid").addEventListener("mousemove", showTip);
+document.getElementById("grid").addEventListener("mouseleave", () => { document.getElementById("tip").style.display = "none"; });
+render();
+</script>
+</body></html>
+"""
+
+
+GRID_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
+<title>__TITLE__</title>
+<style>
+body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; }
+#controls label { margin-right: 12px; }
+#grid { border-collapse: collapse; margin-top: 10px; }
+#grid td.cell { width: 22px; min-width: 22px; height: 18px; cursor: crosshair; }
+#grid td.cell:hover { outline: 2px solid #e33; }
+#grid th { font-weight: normal; font-size: 10px; white-space: pre; }
+#grid th.row { text-align: right; padding-right: 6px; font-size: 11px; }
+#tip { position: fixed; display: none; background: #fff; border: 1px solid #888; padding: 6px 8px;
+  box-shadow: 2px 2px 6px rgba(0,0,0,.25); pointer-events: none; font-size: 12px; z-index: 10; white-space: pre; }
+#legend { display: flex; align-items: center; gap: 8px; margin-top: 8px; }
+#bar { width: 240px; height: 12px; border: 1px solid #999; }
+.muted { color: #666; }
+</style></head>
+<body>
+<h3>__HEADING__</h3>
+<div id="controls"></div>
+<div id="legend"><span id="lo"></span><div id="bar"></div><span id="hi"></span><span id="unit" class="muted"></span></div>
+<p class="muted">__NOTE__</p>
+<table id="grid"></table>
+<div id="tip"></div>
+<script type="application/json" id="lens-data">__DATA__</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("lens-data").textContent);
+__COLOURS__
+let name = Object.keys(D.grids)[0];
+
+function render() {
+  const g = D.grids[name], grid = document.getElementById("grid");
+  const vals = g.values.flat().filter(v => v !== null);
+  const lo = Math.min(...vals), hi = Math.max(lo + 1e-9, Math.max(...vals));
+  grid.replaceChildren();
+  for (let r = g.rows.length - 1; r >= 0; r--) {
+    const tr = grid.insertRow();
+    const th = document.createElement("th"); th.className = "row"; th.textContent = g.rows[r]; tr.appendChild(th);
+    g.cols.forEach((_, c) => {
+      const td = tr.insertCell(), v = g.values[r][c];
+      td.className = "cell"; td.dataset.row = r; td.dataset.col = c;
+      td.style.background = v === null ? "#b0b0b0" : ramp(VIRIDIS, (v - lo) / (hi - lo));
+    });
+  }
+  const tr = grid.insertRow(); tr.appendChild(document.createElement("th"));
+  g.cols.forEach(col => { const th = document.createElement("th"); th.textContent = col; tr.appendChild(th); });
+  document.getElementById("lo").textContent = lo.toPrecision(3);
+  document.getElementById("hi").textContent = hi.toPrecision(3);
+  document.getElementById("bar").style.background = "linear-gradient(to right," + VIRIDIS.join(",") + ")";
+  document.getElementById("unit").textContent = g.label;
+}
+function showTip(ev) {
+  const td = ev.target.closest("td.cell"), tip = document.getElementById("tip");
+  if (!td) { tip.style.display = "none"; return; }
+  const g = D.grids[name], v = g.values[+td.dataset.row][+td.dataset.col];
+  tip.textContent = g.rowName + " " + g.rows[+td.dataset.row] + ", " + g.colName + " " + g.cols[+td.dataset.col] +
+    "\\n" + g.label + ": " + (v === null ? "n/a" : v.toPrecision(4));
+  tip.style.display = "block";
+  tip.style.left = Math.min(ev.clientX + 14, window.innerWidth - tip.offsetWidth - 4) + "px";
+  tip.style.top = Math.min(ev.clientY + 14, window.innerHeight - tip.offsetHeight - 4) + "px";
+}
+Object.keys(D.grids).forEach(k => {
+  const label = document.createElement("label"), input = document.createElement("input");
+  input.type = "radio"; input.name = "grid"; input.checked = k === name;
+  input.addEventListener("change", () => { name = k; render(); });
+  label.append(input, " " + k); document.getElementById("controls").appendChild(label);
+});
 document.getElementById("grid").addEventListener("mousemove", showTip);
 document.getElementById("grid").addEventListener("mouseleave", () => { document.getElementById("tip").style.display = "none"; });
 render();

@@ -14,9 +14,12 @@ import numpy as np  # noqa: E402
 
 from lens.analysis.depth import DepthEvaluation  # noqa: E402
 from lens.analysis.evaluate import LensEvaluation  # noqa: E402
+from lens.analysis.function_vectors import FunctionVectorStudy  # noqa: E402
 from lens.analysis.intervention_eval import SteeringGrid  # noqa: E402
 from lens.analysis.picture import METRICS, LossPicture  # noqa: E402
 from lens.analysis.spans import ProgramEvaluation, SpanEvaluation, TruncationCurves  # noqa: E402
+from lens.analysis.tracing import LensReading, Trace  # noqa: E402
+from lens.analysis.value_directions import LensFlip  # noqa: E402
 from lens.artifacts.files import atomic_path  # noqa: E402
 
 
@@ -174,6 +177,87 @@ def plot_heatmap(
     return save_figure(fig, path)
 
 
+TRACE_PANELS = {
+    "block_out": ("residual (block output)", "Purples"),
+    "mlp": ("MLP output", "Greens"),
+    "attention": ("attention output", "Reds"),
+    "mlp_window": ("MLP output, window of {w} blocks", "Greens"),
+    "attention_window": ("attention output, window of {w} blocks", "Reds"),
+}
+"""Panel title and colour map of each causal-trace kind (ROME's colours)."""
+
+
+def plot_trace(trace: Trace, path: str | Path, title: str = "") -> Path:
+    """Token x block heatmaps of a causal trace, one panel per kind: p(target) with that one state
+    restored (grey: not traced); subject tokens are starred. Each panel's colours run from the
+    corrupted probability (or its lowest score) to its highest score."""
+    kinds = list(trace.scores)
+    n_tok, n_blocks = trace.scores[kinds[0]].shape
+    cols = min(3, len(kinds))
+    rows = math.ceil(len(kinds) / cols)
+    fig, axes = panels_figure(rows, cols, figsize=(cols * max(4.5, 0.16 * n_blocks + 2.5), rows * max(3.0, 0.28 * n_tok + 1.4)), squeeze=False)
+    start, end = trace.subject_span
+    labels = [f"{tok}*" if start <= i < end else tok for i, tok in enumerate(trace.tokens)]
+    for ax, kind in zip(axes.flat, kinds):
+        name, cmap_name = TRACE_PANELS[kind]
+        arr = trace.scores[kind].numpy()  # [T, n_blocks]
+        cmap = plt.get_cmap(cmap_name).with_extremes(bad=GAP_COLOUR)
+        low = min(trace.corrupted_prob, float(np.nanmin(arr)))
+        image = ax.imshow(arr, aspect="auto", cmap=cmap, vmin=low, vmax=max(float(np.nanmax(arr)), low + 1e-6), interpolation="nearest")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).set_label(f"p({trace.target!r}) restored [probability]")
+        ax.set_yticks(range(n_tok), labels, fontsize=7)
+        ax.set_xticks(range(0, n_blocks, max(1, n_blocks // 10)))
+        ax.set_xlabel("block whose state is restored" + (" (window centre)" if kind.endswith("_window") else ""))
+        ax.set_ylabel("token restored (* subject)")
+        ax.set_title(name.format(w=trace.window), fontsize=9)
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.axis("off")
+    note = f"clean p = {trace.clean_prob:.3f}, corrupted p = {trace.corrupted_prob:.3f} (noise std {trace.noise_std:.3g}, {trace.samples} draws, seed {trace.seed})"
+    fig.suptitle(f"{title or 'causal trace'}\n{note}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_trace_lens(readings: list[LensReading], path: str | Path, title: str = "") -> Path:
+    """The lens' p(target) per layer for each traced run, one panel per token; filled markers where
+    the target is the lens' top-1."""
+    positions = list(dict.fromkeys((r.position, r.token) for r in readings))
+    fig, axes = panels_figure(1, len(positions), figsize=(5.5 * len(positions), 3.8), squeeze=False)
+    for ax, (position, token) in zip(axes[0], positions):
+        for reading, colour in zip([r for r in readings if r.position == position], ("black", "tab:red", "tab:green", "tab:blue")):
+            layers = np.arange(len(reading.prob))
+            ax.plot(layers, reading.prob, "-", color=colour, lw=1.2, label=f"{reading.run} (top-1 from layer {reading.top1_from})")
+            hit = np.asarray(reading.target_top1)
+            ax.plot(layers[hit], np.asarray(reading.prob)[hit], "o", color=colour, markersize=4)
+            ax.plot(layers[~hit], np.asarray(reading.prob)[~hit], "o", color=colour, markersize=4, markerfacecolor="none")
+        ax.set_xlabel("layer (residual after n blocks)")
+        ax.set_ylabel("lens p(target) [probability]")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"token {position} {token!r} (filled: target is the lens' top-1)", fontsize=9)
+    fig.suptitle(title or "traced runs through the lens", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_mean_effects(effects: dict[str, dict[str, list[float]]], path: str | Path, window: int, title: str = "") -> Path:
+    """Mean indirect effect (restored - corrupted p(target)) per block of each kind, one panel per
+    token (``effects[token][kind]``); ``window``: blocks restored together in the window kinds."""
+    fig, axes = panels_figure(1, len(effects), figsize=(5.5 * len(effects), 3.8), squeeze=False)
+    for ax, (token, per_kind) in zip(axes[0], effects.items()):
+        for kind, values in per_kind.items():
+            name, cmap_name = TRACE_PANELS[kind]
+            style = "--" if kind.endswith("_window") else "-"
+            ax.plot(range(len(values)), values, style, color=plt.get_cmap(cmap_name)(0.75), marker="o", markersize=3, label=name.format(w=window))
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("block whose state is restored")
+        ax.set_ylabel("mean indirect effect [probability]")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"at the {token}", fontsize=9)
+    fig.suptitle(f"{title or 'mean indirect effect per block'}\nindirect effect: p(target) with the state restored - p(target) corrupted", fontsize=9)
+    return save_figure(fig, path)
+
+
 def plot_eval_depth(results: DepthEvaluation, path: str | Path, title: str = "") -> Path:
     """Per-layer CE [bits/byte], entropy, top-1 agreement with the final layer, and prediction depth."""
     fig, axes = panels_figure(1, 4, figsize=(18, 3.8))
@@ -279,4 +363,84 @@ def plot_steering_grid(grid: SteeringGrid, path: str | Path, title: str = "") ->
         ax.set_ylabel("layer (residual after n blocks)")
         ax.set_title(f"{name.replace('_', '-')} text ({tokens} tokens)", fontsize=9)
     fig.suptitle(title or "steering, every layer x coefficient", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_head_effects(study: FunctionVectorStudy, path: str | Path, title: str = "") -> Path:
+    """Block x head map of every head's average indirect effect; the heads summed into the function
+    vector are boxed and numbered by rank (0 is white, so heads that hurt the answer show blue)."""
+    arr = study.aie.numpy() * 100  # [L, H], percentage points
+    n_layers, n_head = arr.shape
+    fig, ax = panels_figure(figsize=(max(4.5, 0.45 * n_head + 2.5), max(4.0, 0.2 * n_layers + 1.5)))
+    lim = max(float(np.abs(arr).max()), 1e-6)
+    image = ax.imshow(arr, origin="lower", aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    label = "average indirect effect: P(answer) patched - shuffled [percentage points]"
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).set_label(label, fontsize=8)
+    for rank, (block, head) in enumerate(study.heads):
+        ax.add_patch(plt.Rectangle((head - 0.5, block - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.2))
+        dark = abs(arr[block, head]) > 0.6 * lim  # RdBu_r is dark at both ends
+        ax.text(head, block, str(rank + 1), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    ax.set_xticks(range(n_head), [str(h) for h in range(n_head)], fontsize=7)
+    ax.set_yticks(range(n_layers), [str(b) for b in range(n_layers)], fontsize=6 if n_layers > 24 else 7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("block")
+    ax.set_title(title or f"{study.task}: average indirect effect of each head", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_fv_layers(study: FunctionVectorStudy, path: str | Path, title: str = "") -> Path:
+    """Zero-shot validation accuracy per injection layer; on the test words, the lens' probability of
+    the answer and how often it is top-1, per layer, without and with the function vector."""
+    fig, axes = panels_figure(1, 3, figsize=(16, 4))
+    ax = axes[0]
+    ax.plot(study.layers, [100 * a for a in study.val_accuracy], "o-", markersize=3, label="function vector added here")
+    ax.axhline(100 * study.val_baseline, color="grey", lw=1, label="no function vector")
+    ax.axvline(study.layer, color="black", ls=":", lw=1, label=f"chosen: layer {study.layer}")
+    ax.set_xlabel("injection layer (residual after n blocks)")
+    ax.set_ylabel("zero-shot accuracy, validation words [%]")
+    ax.set_title(f"accuracy per layer ({study.counts['val_words']} words)", fontsize=9)
+    before, after = study.reading_before, study.reading_after
+    panels = ((axes[1], "prob", "mean lens P(answer) [probability]", "log"), (axes[2], "top1", "answer is the lens' top-1 [% of prompts]", "linear"))
+    for ax, name, ylabel, scale in panels:
+        scale_by = 100 if name == "top1" else 1
+        layers = range(len(getattr(before, name)))
+        ax.plot(layers, [scale_by * v for v in getattr(before, name)], "o-", markersize=3, label="zero-shot")
+        ax.plot(layers, [scale_by * v for v in getattr(after, name)], "s-", markersize=3, label=f"zero-shot + FV at layer {study.layer}")
+        ax.axvline(study.layer, color="black", ls=":", lw=1)
+        ax.set_yscale(scale)
+        ax.set_xlabel("layer read by the lens (residual after n blocks)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"final token of {study.counts['test_words']} zero-shot test prompts", fontsize=9)
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or f"function vector for {study.task}", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_direction_lens(readings: list[LensFlip], labels: list[str], path: str | Path, title: str = "") -> Path:
+    """Mean lens p of the pronoun a value-space direction points to and of the one preferred before,
+    per layer at the probes' final token, intact (dashed) vs with the direction (solid); one panel
+    per form and sign, the median layer from which the new pronoun is top-1 marked."""
+    rows, cols = math.ceil(len(readings) / 2), min(2, len(readings))
+    fig, axes = panels_figure(rows, cols, figsize=(5.5 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(readings) :]:
+        ax.set_visible(False)
+    for ax, reading in zip(axes.flat, readings):
+        to, old = (labels[1], labels[0]) if reading.sign > 0 else (labels[0], labels[1])
+        layers = np.arange(len(reading.prob_to["before"]))
+        for probs, colour, name in ((reading.prob_to, "tab:red", f"{to} pronoun (new)"), (reading.prob_from, "tab:blue", f"{old} pronoun (old)")):
+            ax.plot(layers, probs["before"], "--", color=colour, lw=1.2, label=f"{name}, intact")
+            ax.plot(layers, probs["after"], "-", color=colour, lw=1.6, label=f"{name}, with direction")
+        median = reading.median_layer("top1_from", "after")
+        if median is not None:
+            ax.axvline(median, color="black", ls=":", lw=1, label=f"new pronoun top-1 from layer {median:g} (median)")
+        ax.set_xlabel("layer read by the lens (residual after n blocks)")
+        ax.set_ylabel("mean lens p(pronoun) [probability]")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax.set_title(
+            f"{reading.form}, towards {to}, c={reading.coefficient:g}\n{sum(reading.flipped)}/{len(reading.flipped)} probes flipped", fontsize=8
+        )
+    fig.suptitle(title or "value-space direction through the lens", fontsize=9)
     return save_figure(fig, path)

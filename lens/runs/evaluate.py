@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from lens.analysis.depth import DepthEvaluation, evaluate_depth
 from lens.artifacts.files import write_json
-from lens.artifacts.registry import resolve_lens
+from lens.artifacts.registry import run_model_and_lens
 from lens.config import LensEvalConfig, to_dict
-from lens.core.model import load_run_model
 from lens.core.translators import logit_lens_for
 from lens.data.sequences import token_sequences
 from lens.report.plots import plot_eval_depth, plot_heatmap
@@ -16,8 +15,7 @@ from lens.runs.result import Measured
 def evaluate(cfg: LensEvalConfig) -> Measured[DepthEvaluation]:
     """Load model and lens, stream held-out text through both, write ``eval_depth.json``, ``eval_depth.png``
     and (for a tuned lens) ``transfer.png``; the logit lens always joins."""
-    model, tokenizer = load_run_model(cfg)
-    lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
+    model, tokenizer, lens = run_model_and_lens(cfg)
     lenses = {lens.kind: lens, "logit": logit_lens_for(model)}
     sequences = token_sequences(cfg.data, tokenizer, held_out=True, limit=cfg.sequences)
     results = evaluate_depth(

@@ -24,7 +24,7 @@ from lens.analysis.intervention_eval import (
 )
 from lens.analysis.picture import METRICS, InterventionFactory, LossPicture, build_picture
 from lens.artifacts.files import write_json
-from lens.artifacts.registry import resolve_lens
+from lens.artifacts.registry import run_model_and_lens
 from lens.config import DataConfig, GenerateConfig, PictureConfig, SteerConfig, SteeringConfig, SteerSweepConfig, to_dict
 from lens.core.model import load_run_model
 from lens.core.residuals import capture_residuals
@@ -214,8 +214,7 @@ class SteerResult:
 def steer(cfg: SteerConfig) -> SteerResult:
     """Picture, figures, continuations and evaluation of one steering config."""
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_run_model(cfg)
-    lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
+    model, tokenizer, lens = run_model_and_lens(cfg)
     steering = build_steering(cfg.steering, model, tokenizer)
     intervention = lambda: steering  # noqa: E731  one hook object, applied afresh for each forward pass
     bos = cfg.steering.prepend_bos

@@ -19,10 +19,9 @@ import torch
 
 from lens.analysis.picture import build_picture, program_rows
 from lens.artifacts.files import write_json
-from lens.artifacts.registry import resolve_lens
+from lens.artifacts.registry import run_model_and_lens
 from lens.config import ProgramPictureConfig, to_dict
 from lens.core.arch import n_blocks
-from lens.core.model import load_run_model
 from lens.interventions import LayerProgram, compose
 from lens.interventions.steering import encode
 from lens.report.plots import figure_title, plot_final_token_loss
@@ -52,8 +51,7 @@ def folder_name(label: str) -> str:
 def surgery_pictures(cfg: ProgramPictureConfig) -> ProgramPictures:
     """One picture per program, all on ``picture.text``; the lens reads every slot as its layer."""
     torch.manual_seed(cfg.seed)
-    model, tokenizer = load_run_model(cfg)
-    lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
+    model, tokenizer, lens = run_model_and_lens(cfg)
     steering = build_steering(cfg.steering, model, tokenizer) if cfg.steering is not None else None
     unit, text, result = cfg.picture.unit, cfg.picture.text, ProgramPictures(cfg.run_dir)
     bos = cfg.steering is not None and cfg.steering.prepend_bos

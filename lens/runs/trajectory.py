@@ -9,9 +9,8 @@ from typing import Any
 from lens.analysis.layers import json_array
 from lens.analysis.trajectory import compare_readings, read_text, read_trajectory, to_picture, trajectory_json
 from lens.artifacts.files import write_json
-from lens.artifacts.registry import resolve_lens
+from lens.artifacts.registry import run_model_and_lens
 from lens.config import TrajectoryConfig
-from lens.core.model import load_run_model
 from lens.core.translators import LogitLens, Unembed
 from lens.report.html import write_html
 from lens.report.plots import plot_heatmap, plot_token_heatmaps
@@ -31,8 +30,7 @@ class TrajectoryResult:
 def trajectory(cfg: TrajectoryConfig) -> TrajectoryResult:
     """Write ``trajectory.{json,png,html}`` and, for a tuned lens, ``trajectory_js.png`` (JS to the logit lens)."""
     out = cfg.run_dir
-    model, tokenizer = load_run_model(cfg)
-    lens = resolve_lens(cfg.lens, model, cfg.model.name, cfg.allow_mismatch)
+    model, tokenizer, lens = run_model_and_lens(cfg)
     unembed = Unembed(model)
     ids, reading = read_text(model, tokenizer, cfg.text, cfg.max_tokens)
     traj = read_trajectory(lens, unembed, ids, reading, cfg.top_k)
