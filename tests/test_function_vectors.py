@@ -22,7 +22,6 @@ from lens.analysis.function_vectors import (
     patched_heads,
     study_function_vector,
     top_heads,
-    wilson_interval,
 )
 from lens.cli import main
 from lens.config import InputError
@@ -223,13 +222,6 @@ def test_prompts_are_batched_by_length_without_padding_and_batching_changes_noth
     together = final_logits(model, prompts, 1, vector, batch_size=32)
     alone = torch.cat([final_logits(model, [p], 1, vector) for p in prompts])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
-
-
-def test_wilson_interval():
-    none = wilson_interval(0, 42)
-    assert none.mean == 0 and none.low == 0 and none.high == pytest.approx(0.0838, abs=1e-3)
-    half = wilson_interval(5, 10)
-    assert (half.low, half.high) == (pytest.approx(0.2366, abs=1e-3), pytest.approx(0.7634, abs=1e-3))
 
 
 def test_study_end_to_end_on_a_tiny_model(tokenizer):

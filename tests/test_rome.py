@@ -11,7 +11,8 @@ import pytest
 import torch
 from conftest import FAMILIES, TEXT, make_model
 
-from lens.analysis.edit_eval import object_logprobs, score_fact, wilson_interval
+from lens.analysis.edit_eval import object_logprobs, score_fact
+from lens.analysis.intervention_eval import wilson_interval
 from lens.analysis.rome import (
     EditRequest,
     context_prefixes,
@@ -195,6 +196,10 @@ def test_wilson_interval():
     assert ci.mean == 0.8 and abs(ci.low - 0.4902) < 1e-3 and abs(ci.high - 0.9433) < 1e-3
     full = wilson_interval(5, 5)
     assert full.high == 1.0 and 0.5 < full.low < 0.6
+    none = wilson_interval(0, 42)
+    assert none.mean == 0 and none.low == 0 and none.high == pytest.approx(0.0838, abs=1e-3)
+    half = wilson_interval(5, 10)
+    assert (half.low, half.high) == (pytest.approx(0.2366, abs=1e-3), pytest.approx(0.7634, abs=1e-3))
 
 
 def test_edit_config_rejects_bad_layers():

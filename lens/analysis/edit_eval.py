@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.analysis.intervention_eval import Interval, mean_difference_ci, per_sequence_shift, sequence_logprobs
+from lens.analysis.intervention_eval import Interval, mean_difference_ci, per_sequence_shift, sequence_logprobs, wilson_interval
 from lens.analysis.picture import InterventionFactory, token_label
 from lens.analysis.rome import right_padded
 from lens.analysis.tracing import LensReading
@@ -32,17 +31,6 @@ from lens.config import InputError
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
 from lens.data.facts import Fact
-
-
-def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interval:
-    """A rate with its Wilson score interval (sane at 0 and 1, unlike mean ± z·se)."""
-    if n < 1:
-        raise ValueError("a rate needs at least one trial")
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), math.sqrt(p * (1 - p) / n), confidence, n)
 
 
 @torch.no_grad()
@@ -57,10 +45,9 @@ def object_logprobs(
             raise InputError(f"object {obj!r} has no token: name it as it continues the prompt (leading space)")
         rows.append(head + tail)
         spans.append((len(head), tail))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = []
     for start in range(0, len(rows), batch_size):
-        ids, mask = right_padded(rows[start : start + batch_size], pad, model.device)  # [B, T]
+        ids, mask = right_padded(rows[start : start + batch_size], tokenizer, model.device)  # [B, T]
         logp = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)  # [B, T, V]
         for i, (begin, tail) in enumerate(spans[start : start + batch_size]):
             positions = torch.arange(begin - 1, begin - 1 + len(tail), device=logp.device)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 import random
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
@@ -30,12 +29,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.analysis.intervention_eval import Interval, mean_difference_ci, t_quantile
+from lens.analysis.intervention_eval import Interval, mean_difference_ci, wilson_interval
 from lens.config import InputError, PromptTemplate
 from lens.core.arch import get_component, n_blocks
 from lens.core.components import edit_site, n_heads, out_in_weight, record_sites
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
+from lens.data.batches import equal_length_batches
 from lens.data.tasks import Pair, TaskSplit, answer_text, format_prompt
 from lens.interventions import ResidualAdd
 from lens.interventions.steering import prompt_ids
@@ -82,13 +82,8 @@ def make_prompts(
 
 def length_batches(prompts: Sequence[Prompt], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
     """``(indices, ids [B, T])`` for prompts of equal length ``T``, so the final token is column -1 of every row."""
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        by_length[len(prompt.ids)].append(i)
-    for _, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start : start + batch_size]
-            yield chunk, torch.tensor([prompts[i].ids for i in chunk])
+    for chunk in equal_length_batches([len(prompt.ids) for prompt in prompts], batch_size):
+        yield chunk, torch.tensor([prompts[i].ids for i in chunk])
 
 
 def head_dim(model: PreTrainedModel) -> int:
@@ -245,17 +240,6 @@ class Scores:
 
 def score(model: PreTrainedModel, prompts: Sequence[Prompt], layer: int | None = None, vector: torch.Tensor | None = None) -> Scores:
     return Scores.of(final_logits(model, prompts, layer, vector), prompts)
-
-
-def wilson_interval(hits: int, n: int, confidence: float = 0.95) -> Interval:
-    """A proportion with its Wilson score interval (sound at 0 % and 100 %, where a t-interval collapses)."""
-    if n < 1:
-        raise ValueError("a proportion needs at least one trial")
-    z = t_quantile(0.5 + confidence / 2, 10**6)  # the normal quantile
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), math.sqrt(p * (1 - p) / n), confidence, n)
 
 
 @dataclass

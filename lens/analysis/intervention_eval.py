@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
 import torch
@@ -89,6 +90,17 @@ def mean_difference_ci(per_sequence: torch.Tensor, confidence: float = 0.95) -> 
     mean, se = float(values.mean()), float(values.std(unbiased=True)) / math.sqrt(n)
     half = t_quantile(0.5 + confidence / 2, n - 1) * se
     return Interval(mean, mean - half, mean + half, se, confidence, n)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> Interval:
+    """A rate with its Wilson score interval (sane at 0 and 1, unlike mean ± z·se)."""
+    if n < 1:
+        raise ValueError("a rate needs at least one trial")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), math.sqrt(p * (1 - p) / n), confidence, n)
 
 
 @dataclass

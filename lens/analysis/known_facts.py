@@ -7,7 +7,6 @@ the answer for a prompt cannot depend on which other prompts share its batch.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Sequence
 
 import torch
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.config import InputError
+from lens.data.batches import equal_length_batches
 from lens.data.facts import Fact
 
 
@@ -35,12 +35,10 @@ def greedy_next_tokens(
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for index, ids in enumerate(encoded):
+    for prompt, ids in zip(prompts, encoded):
         if not ids:
-            raise InputError(f"prompt {prompts[index]!r} encodes to no tokens: give a non-empty prompt")
-        by_length[len(ids)].append(index)
-    batches = [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+            raise InputError(f"prompt {prompt!r} encodes to no tokens: give a non-empty prompt")
+    batches = equal_length_batches([len(ids) for ids in encoded], batch_size)
     greedy = [0] * len(prompts)
     for batch in tqdm(batches, desc="greedy next tokens", disable=len(batches) < 4):
         ids = torch.tensor([encoded[i] for i in batch], device=model.device)  # [B, T], all the same length

@@ -55,11 +55,12 @@ class EditRequest:
         return (self.prompt if template is None else template).replace("{}", self.subject)
 
 
-def right_padded(rows: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, T]`` ids padded on the right and the ``[B, T]`` attention mask: causal attention never
-    looks right, so every real token sees exactly what it sees alone, at the same positions."""
+def right_padded(rows: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B, T]`` ids padded on the right (with ``tokenizer``'s pad token) and the ``[B, T]`` attention
+    mask: causal attention never looks right, so every real token sees exactly what it sees alone,
+    at the same positions."""
     width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    ids = torch.full((len(rows), width), _pad_id(tokenizer), dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
@@ -100,7 +101,7 @@ def subject_ids(tokenizer: PreTrainedTokenizerBase, text: str, subject: str) -> 
 def mlp_keys(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, block: int, texts: Sequence[str], subject: str) -> torch.Tensor:
     """``[n, d_mlp]``: block ``block``'s MLP key at the last subject token of each text."""
     encoded = [subject_ids(tokenizer, text, subject) for text in texts]
-    ids, mask = right_padded([row for row, _ in encoded], _pad_id(tokenizer), model.device)
+    ids, mask = right_padded([row for row, _ in encoded], tokenizer, model.device)
     with record_sites(model, ("mlp_key",), [block]) as store:
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     keys = store["mlp_key"][block]  # [n, T, d_mlp]
@@ -140,7 +141,7 @@ def optimise_value(
         essence_rows.append((len(rows), len(ids) - 1))
         rows.append(ids)
         at_subject.append(at)
-    ids, mask = right_padded(rows, _pad_id(tokenizer), model.device)  # [B, T]
+    ids, mask = right_padded(rows, tokenizer, model.device)  # [B, T]
     where = torch.zeros(*ids.shape, 1, device=model.device)  # [B, T, 1]: 1 at each row's last subject token
     where[torch.arange(len(rows)), torch.tensor(at_subject)] = 1.0
     row, pos, tok = (torch.tensor(column, device=model.device) for column in zip(*scored))

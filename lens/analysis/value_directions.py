@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lens.analysis.edit_eval import lens_readings, object_logprobs, wilson_interval
-from lens.analysis.intervention_eval import Interval
+from lens.analysis.edit_eval import lens_readings, object_logprobs
+from lens.analysis.intervention_eval import Interval, wilson_interval
 from lens.analysis.known_facts import first_token
 from lens.analysis.picture import InterventionFactory
 from lens.analysis.rome import EditRequest, RomeVectors, rank_one_delta, rome_vectors, subject_ids

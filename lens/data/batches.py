@@ -1,8 +1,10 @@
-"""Training batches that a resumed run can replay exactly: global batch ``b`` depends only on ``(seed, b)``."""
+"""Batches: training batches that a resumed run can replay exactly (global batch ``b`` depends only
+on ``(seed, b)``), and prompts grouped by length so that a batch of them needs no padding."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from collections import defaultdict
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -78,3 +80,13 @@ class ResumableBatches(IterableDataset):
         for i, batch in enumerate(self._global_batches(start)):
             if i % n_workers == worker_id:
                 yield (batch[lo : lo + self.batch_size],)
+
+
+def equal_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of sequences with these token ``lengths``, in batches of at most ``batch_size`` that
+    share one length (shortest first, each in index order): no padding, no attention mask, and the
+    last token is column -1 of every row."""
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for index, length in enumerate(lengths):
+        by_length[length].append(index)
+    return [group[i : i + batch_size] for _, group in sorted(by_length.items()) for i in range(0, len(group), batch_size)]

@@ -55,16 +55,18 @@ def write_grid_html(grids: dict[str, dict[str, Any]], path: str | Path, title: s
     """A page of named grids, one shown at a time: each ``{"rows": [...], "cols": [...], "values":
     [rows][cols], "label": colour-bar label with unit}``, rows drawn bottom-up as in the PNGs; hovering
     a cell shows its row, column and value (None: no value, grey)."""
-    return _write_page(GRID_PAGE.replace("__NOTE__", html.escape(note)), {"grids": grids}, path, title)
+    return _write_page({**GRID_PAGE, "note": html.escape(note)}, {"grids": grids}, path, title)
 
 
-def _write_page(template: str, payload: dict[str, Any], path: str | Path, title: str) -> Path:
+def _write_page(template: dict[str, str], payload: dict[str, Any], path: str | Path, title: str) -> Path:
     path = Path(path)
     data = json.dumps(payload, allow_nan=False, ensure_ascii=False)
     # Inside <script> only "</" could end the block; escaping <, > and & keeps the JSON valid and inert.
     data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    page = template.replace("__TITLE__", html.escape(title.replace("\n", "; "))).replace("__HEADING__", html.escape(title).replace("\n", "<br>"))
-    page = page.replace("__COLOURS__", COLOURS).replace("__DATA__", data)
+    page = FRAME.replace("__STYLE__", template["style"]).replace("__CONTROLS__", template["controls"]).replace("__NOTE__", template["note"])
+    page = page.replace("__SCRIPT__", template["script"]).replace("__COLOURS__", COLOURS)
+    page = page.replace("__TITLE__", html.escape(title.replace("\n", "; "))).replace("__HEADING__", html.escape(title).replace("\n", "<br>"))
+    page = page.replace("__DATA__", data)
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
@@ -82,7 +84,7 @@ function ramp(stops, t) {
 """The colour maps every page draws with (viridis as in the PNGs, a red-blue diverging map)."""
 
 
-PAGE = """<!DOCTYPE html>
+FRAME = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
 <title>__TITLE__</title>
@@ -90,29 +92,15 @@ PAGE = """<!DOCTYPE html>
 body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; }
 #controls label { margin-right: 12px; }
 #grid { border-collapse: collapse; margin-top: 10px; }
-#grid td.cell { width: 46px; min-width: 46px; height: 16px; font-size: 9px; text-align: center; overflow: hidden;
-  white-space: nowrap; max-width: 46px; cursor: crosshair; padding: 0 1px; }
 #grid td.cell:hover { outline: 2px solid #e33; }
-#grid th.layer { font-weight: normal; text-align: right; padding-right: 6px; font-size: 10px; }
-#grid th.tok { font-weight: normal; font-size: 11px; writing-mode: vertical-rl; transform: rotate(180deg);
-  text-align: left; padding: 4px 0; white-space: pre; }
-#tip { position: fixed; display: none; background: #fff; border: 1px solid #888; padding: 6px 8px;
-  box-shadow: 2px 2px 6px rgba(0,0,0,.25); pointer-events: none; font-size: 12px; z-index: 10; }
-#tip table { border-collapse: collapse; } #tip td { padding: 0 6px; white-space: pre; }
 #legend { display: flex; align-items: center; gap: 8px; margin-top: 8px; }
 #bar { width: 240px; height: 12px; border: 1px solid #999; }
 .muted { color: #666; }
-</style></head>
+__STYLE__</style></head>
 <body>
 <h3>__HEADING__</h3>
-<div id="controls">
-  <span id="modes"></span>
-  <label>metric <select id="metric"></select></label>
-</div>
-<div id="legend"><span id="lo"></span><div id="bar"></div><span id="hi"></span><span id="unit" class="muted"></span></div>
-<p class="muted">Row: the lens on a residual, read as the layer (residual after n blocks) it stands for; column t: input
-token t, the cell scores the prediction of token t+1. In the difference, rows are aligned by layer and a layer the
-intervention removed is a grey gap. Hover a cell for the top-k predicted tokens.</p>
+__CONTROLS__<div id="legend"><span id="lo"></span><div id="bar"></div><span id="hi"></span><span id="unit" class="muted"></span></div>
+<p class="muted">__NOTE__</p>
 <table id="grid"></table>
 <div id="tip"></div>
 <script type="application/json" id="lens-data">__DATA__</script>
@@ -120,7 +108,30 @@ intervention removed is a grey gap. Hover a cell for the top-k predicted tokens.
 "use strict";
 const D = JSON.parse(document.getElementById("lens-data").textContent);
 __COLOURS__
-let mode = D.states.includes("diff") ? "diff" : "base", metric = "ce";
+__SCRIPT__</script>
+</body></html>
+"""
+"""What every page shares: no network (the CSP), its data inline as JSON, the colour bar, the grid and the tooltip."""
+
+PAGE = {
+    "style": """#grid td.cell { width: 46px; min-width: 46px; height: 16px; font-size: 9px; text-align: center; overflow: hidden;
+  white-space: nowrap; max-width: 46px; cursor: crosshair; padding: 0 1px; }
+#grid th.layer { font-weight: normal; text-align: right; padding-right: 6px; font-size: 10px; }
+#grid th.tok { font-weight: normal; font-size: 11px; writing-mode: vertical-rl; transform: rotate(180deg);
+  text-align: left; padding: 4px 0; white-space: pre; }
+#tip { position: fixed; display: none; background: #fff; border: 1px solid #888; padding: 6px 8px;
+  box-shadow: 2px 2px 6px rgba(0,0,0,.25); pointer-events: none; font-size: 12px; z-index: 10; }
+#tip table { border-collapse: collapse; } #tip td { padding: 0 6px; white-space: pre; }
+""",
+    "controls": """<div id="controls">
+  <span id="modes"></span>
+  <label>metric <select id="metric"></select></label>
+</div>
+""",
+    "note": """Row: the lens on a residual, read as the layer (residual after n blocks) it stands for; column t: input
+token t, the cell scores the prediction of token t+1. In the difference, rows are aligned by layer and a layer the
+intervention removed is a grey gap. Hover a cell for the top-k predicted tokens.""",
+    "script": """let mode = D.states.includes("diff") ? "diff" : "base", metric = "ce";
 
 function scale() {
   const m = D.metrics[metric];
@@ -206,42 +217,22 @@ select.addEventListener("change", () => { metric = select.value; render(); });
 document.getElementById("grid").addEventListener("mousemove", showTip);
 document.getElementById("grid").addEventListener("mouseleave", () => { document.getElementById("tip").style.display = "none"; });
 render();
-</script>
-</body></html>
-"""
+""",
+}
+"""The loss-picture page: states and metrics to switch, top-k predictions on hover."""
 
 
-GRID_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'">
-<title>__TITLE__</title>
-<style>
-body { font: 13px system-ui, sans-serif; margin: 16px; color: #222; }
-#controls label { margin-right: 12px; }
-#grid { border-collapse: collapse; margin-top: 10px; }
-#grid td.cell { width: 22px; min-width: 22px; height: 18px; cursor: crosshair; }
-#grid td.cell:hover { outline: 2px solid #e33; }
+GRID_PAGE = {
+    "style": """#grid td.cell { width: 22px; min-width: 22px; height: 18px; cursor: crosshair; }
 #grid th { font-weight: normal; font-size: 10px; white-space: pre; }
 #grid th.row { text-align: right; padding-right: 6px; font-size: 11px; }
 #tip { position: fixed; display: none; background: #fff; border: 1px solid #888; padding: 6px 8px;
   box-shadow: 2px 2px 6px rgba(0,0,0,.25); pointer-events: none; font-size: 12px; z-index: 10; white-space: pre; }
-#legend { display: flex; align-items: center; gap: 8px; margin-top: 8px; }
-#bar { width: 240px; height: 12px; border: 1px solid #999; }
-.muted { color: #666; }
-</style></head>
-<body>
-<h3>__HEADING__</h3>
-<div id="controls"></div>
-<div id="legend"><span id="lo"></span><div id="bar"></div><span id="hi"></span><span id="unit" class="muted"></span></div>
-<p class="muted">__NOTE__</p>
-<table id="grid"></table>
-<div id="tip"></div>
-<script type="application/json" id="lens-data">__DATA__</script>
-<script>
-"use strict";
-const D = JSON.parse(document.getElementById("lens-data").textContent);
-__COLOURS__
-let name = Object.keys(D.grids)[0];
+""",
+    "controls": """<div id="controls"></div>
+""",
+    "note": """__NOTE__""",
+    "script": """let name = Object.keys(D.grids)[0];
 
 function render() {
   const g = D.grids[name], grid = document.getElementById("grid");
@@ -283,6 +274,6 @@ Object.keys(D.grids).forEach(k => {
 document.getElementById("grid").addEventListener("mousemove", showTip);
 document.getElementById("grid").addEventListener("mouseleave", () => { document.getElementById("tip").style.display = "none"; });
 render();
-</script>
-</body></html>
-"""
+""",
+}
+"""A page of named grids, one shown at a time (the note is the caller's)."""
