@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lens.analysis.intervention_eval import Interval, mean_difference_ci, per_sequence_shift, sequence_logprobs, wilson_interval
 from lens.analysis.picture import InterventionFactory, token_label
 from lens.analysis.rome import right_padded
-from lens.analysis.tracing import LensReading
+from lens.analysis.tracing import LensReading, reading_at
 from lens.config import InputError
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
@@ -202,14 +202,8 @@ def lens_readings(
     """The lens' p(target) and top-1 at every layer, at each named position of ``input_ids`` ``[1, T]``,
     under the model as it is now (``run`` names that state)."""
     residuals, _ = capture_residuals(model, input_ids.to(model.device))  # [L+1, 1, T, d]
-    unembed, out = Unembed(model), {}
-    for name, position in positions.items():
-        probs = torch.stack(
-            [unembed(lens.translate_layer(h[:, position].float(), layer)).float().softmax(-1)[0] for layer, h in enumerate(residuals)]
-        )  # [L+1, V]
-        top = probs.argmax(-1)  # [L+1]
-        out[name] = LensReading(
-            run, position, token_label(tokenizer, int(input_ids[0, position])), [round(float(p), 6) for p in probs[:, target_id]],
-            [token_label(tokenizer, int(t)) for t in top], [bool(t == target_id) for t in top],
-        )
-    return out
+    unembed = Unembed(model)
+    return {
+        name: reading_at(tokenizer, lens, unembed, residuals, position, target_id, run, token_label(tokenizer, int(input_ids[0, position])))
+        for name, position in positions.items()
+    }

@@ -455,12 +455,24 @@ def read_runs(
                 ids = stack.enter_context(corruption.applied(model, [plan]))  # [S, T]
             store = stack.enter_context(record_residuals(model))
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        residuals = torch.stack(store)[:, :, list(positions)]  # [L+1, B, P, d]
-        probs = torch.stack([unembed(lens.translate_layer(h, layer)).float().softmax(-1).mean(0) for layer, h in enumerate(residuals)])  # [L+1, P, V]
-        top = probs.argmax(-1)  # [L+1, P]
-        for i, position in enumerate(positions):
-            readings.append(LensReading(
-                name, position, corruption.tokens[position], [round(float(p), 6) for p in probs[:, i, corruption.target_id]],
-                [token_label(tokenizer, int(t)) for t in top[:, i]], [bool(t == corruption.target_id) for t in top[:, i]],
-            ))
+        residuals = torch.stack(store)  # [L+1, B, T, d]
+        readings += [
+            reading_at(tokenizer, lens, unembed, residuals, position, corruption.target_id, name, corruption.tokens[position])
+            for position in positions
+        ]
     return readings
+
+
+def reading_at(
+    tokenizer: PreTrainedTokenizerBase, lens: Lens, unembed: Unembed, residuals: torch.Tensor, position: int, target_id: int, run: str, token: str
+) -> LensReading:
+    """The lens' p(target) (mean over the batch) and top-1 of that mean at every layer, at ``position``
+    of ``residuals`` ``[L+1, B, T, d]``."""
+    probs = torch.stack(
+        [unembed(lens.translate_layer(h[:, position].float(), layer)).float().softmax(-1).mean(0) for layer, h in enumerate(residuals)]
+    )  # [L+1, V]
+    top = probs.argmax(-1)  # [L+1]
+    return LensReading(
+        run, position, token, [round(float(p), 6) for p in probs[:, target_id]],
+        [token_label(tokenizer, int(t)) for t in top], [bool(t == target_id) for t in top],
+    )
