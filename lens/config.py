@@ -1003,8 +1003,8 @@ class EditConfig(CorpusRunConfig, ReadsLens):
         yield from super().problems()
         if self.prompt.count("{}") != 1:
             yield "prompt", "needs exactly one {} for the subject"
-        if self.target_new == self.target_true:
-            yield "target_new", "must differ from target_true"
+        if self.target_new.strip() == self.target_true.strip():
+            yield "target_new", "must name another object than target_true (they differ at most by the leading space)"
         if self.facts_path is not None and not Path(self.facts_path).is_file():
             yield "facts_path", "no such file"
 

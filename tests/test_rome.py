@@ -208,6 +208,9 @@ def test_edit_config_rejects_bad_layers():
     with pytest.raises(ConfigError, match="prompt"):
         load_config(EDIT_KINDS, None, ["prompt=no subject here"])
     assert load_config(EDIT_KINDS, None, ["rome.layer=3"]).rome.layer == "3"
+    for same in ("target_new=' Paris'", "target_new=Paris"):  # the default target_true is " Paris"
+        with pytest.raises(ConfigError, match="target_new"):
+            load_config(EDIT_KINDS, None, [same])
 
 
 def test_evenly_spaced_gives_every_part_its_share():
