@@ -265,7 +265,8 @@ def arm_config(args: argparse.Namespace, arm: str, folder: Path) -> TrainConfig:
         f"data.seq_len={args.seq_len}",
         f"data.batch_size={args.batch_size}",
         f"data.max_eval_sequences={args.eval_seqs}",
-        f"lens.lstsq_sequences={cf_seqs}",
+        f"lens.init={'zero' if arm == 'reference' else 'lstsq'}",
+        f"lens.lstsq_sequences={max(cf_seqs, 1)}",  # the schema wants >= 1; the reference never reads it
         f"lens.positions_per_layer={positions if positions else 'null'}",
         f"optim.num_steps={kl_steps}",
         f"trainer.val_every_n_steps={10**9}",
@@ -296,7 +297,8 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     stats["peak_extra_mib"] = stats["peak_mib"] - baseline
     tokens_per_step = args.batch_size * args.seq_len
     stats["kl_tokens"] = stats["kl_steps"] * tokens_per_step
-    stats["budget_tokens"] = cfg.lens.lstsq_sequences * args.seq_len + stats["kl_tokens"]
+    cf_tokens = cfg.lens.lstsq_sequences * args.seq_len if cfg.lens.init == "lstsq" else 0
+    stats["budget_tokens"] = cf_tokens + stats["kl_tokens"]
     stats["kl_tokens_per_s"] = stats["kl_tokens"] / max(stats["kl_train_s"], 1e-9)
     stats["kl_tokens_per_cpu_s"] = stats["kl_tokens"] / max(stats["kl_cpu_s"], 1e-9)
     stats["budget_tokens_per_s"] = stats["budget_tokens"] / stats["train_s"]

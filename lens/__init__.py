@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "lens.artifacts.registry": ("load_lens", "load_span_translator", "resolve_lens", "save_lens"),
+    "lens.artifacts.registry": ("load_lens", "load_pretrained", "load_span_translator", "resolve_lens", "save_lens"),
     "lens.core.model": ("load_model",),
     "lens.core.residuals": ("capture_residuals", "record_residuals"),
     "lens.core.translators": ("Lens", "LogitLens", "SpanTranslator", "TunedLens", "Unembed", "logit_lens_for"),

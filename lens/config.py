@@ -15,6 +15,7 @@ import ast
 import inspect
 import math
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -91,6 +92,11 @@ def above(low: float) -> Limit:
 
 def between(low: float, high: float, high_open: bool = False) -> Limit:
     return Limit(lambda x: low <= x < high if high_open else low <= x <= high, f"must be in [{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+SHIPPED_LENSES: dict[str, str] = {"smollm2-135m": "pretrained/smollm2-135m"}
+"""Model name -> folder under the repository's ``checkpoints/`` of the lens that ships for it
+(``load_pretrained(name)``, ``lens: pretrained``)."""
 
 
 @dataclass(frozen=True)
@@ -325,14 +331,18 @@ class ReadsLens(Checked):
 
     lens: str = "auto"
     """``auto`` (the trained lens at ``checkpoints/<model.name>/`` if there is one, else the logit lens),
-    ``logit``, or a lens folder (ours or tuned-lens) or tuned-lens hub id, which must load."""
+    ``pretrained`` (the lens shipped for ``model.name``, see ``SHIPPED_LENSES``), ``logit``, or a lens
+    folder (ours or tuned-lens) or tuned-lens hub id, which must load."""
     allow_mismatch: bool = False
     """Accept a lens whose recorded unembedding fingerprint differs from the model's."""
 
     def problems(self) -> Iterator[tuple[str, str]]:
         yield from super().problems()
         if written_as_path(self.lens) and not Path(self.lens).expanduser().is_dir():
-            yield "lens", "no such folder (give auto, logit, a lens folder or a tuned-lens hub id)"
+            yield "lens", "no such folder (give auto, pretrained, logit, a lens folder or a tuned-lens hub id)"
+        model = getattr(self, "model", None)
+        if self.lens == "pretrained" and model is not None and model.name not in SHIPPED_LENSES:
+            yield "lens", f"no lens ships for {model.name!r} (pretrained lenses: {', '.join(SHIPPED_LENSES)}): train one or give its folder"
 
 
 @dataclass
@@ -838,6 +848,38 @@ class ConvertConfig(Checked):
     """Replace a non-empty output folder."""
 
     NON_EMPTY = {"src": "lens convert SRC DST", "dst": "lens convert SRC DST"}
+
+
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass
+class PushConfig(Checked):
+    """``lens push RUN REPO_ID``: a trained lens as a hub-ready folder (weights, config, model card with the
+    per-layer table and figure), uploaded with huggingface_hub when the hub can be reached."""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("run", "repo_id")
+    run: str = ""
+    """Run folder of a trained lens (``lens.safetensors``, ``config.json``, ``eval.json``; ``eval.png`` if there)."""
+    repo_id: str = ""
+    """Hub model repository, ``owner/name``."""
+    out: Optional[str] = None
+    """Folder written (default ``checkpoints/hub/<owner>--<name>``), complete or not at all."""
+    storage: StorageDtype = "float32"
+    """Dtype of the stored weights (half precision halves the file; its KL cost is in docs/learning_curves.md)."""
+    upload: bool = True
+    """Upload when the hub can be reached; false (or offline) stops after writing the folder."""
+    overwrite: bool = False
+    """Replace a non-empty output folder."""
+
+    NON_EMPTY = {"run": "lens push RUN REPO_ID", "repo_id": "lens push RUN REPO_ID"}
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        yield from super().problems()
+        if self.run and not Path(self.run).expanduser().is_dir():
+            yield "run", "no such folder (give the run folder of a trained lens, e.g. checkpoints/smollm2-135m)"
+        if self.repo_id and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.repo_id):
+            yield "repo_id", "must be owner/name, e.g. my-user/smollm2-135m-tuned-lens"
 
 
 @dataclass

@@ -20,9 +20,9 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize("entry", [[str(BIN / "lens")], [sys.executable, "-m", "lens"]], ids=["console script", "python -m"])
 def test_help_lists_every_command(entry):
     out = subprocess.run([*entry, "--help"], capture_output=True, text=True, check=True, cwd=REPO).stdout
-    for name in ("train", "eval", "steer", "surgery", "edit", "trace", "function-vector", "trajectory", "convert", "corpus"):
+    for name in ("train", "eval", "steer", "surgery", "edit", "trace", "function-vector", "trajectory", "convert", "push", "corpus"):
         assert f"    {name}" in out
-    assert set(COMMANDS) == {"train", "eval", "steer", "surgery", "edit", "trace", "function-vector", "trajectory", "convert", "corpus"}
+    assert set(COMMANDS) == {"train", "eval", "steer", "surgery", "edit", "trace", "function-vector", "trajectory", "convert", "push", "corpus"}
 
 
 def leaf_keys(schema: type, prefix: str = "") -> list[str]:

@@ -8,7 +8,7 @@ from torch import nn
 
 from lens.core.closed_form import RidgeStats
 from conftest import random_lens
-from lens.core.metrics import StreamingKL, lens_kl_loss, lens_kl_loss_reference
+from lens.core.metrics import StreamingKL, lens_kl_loss, lens_kl_loss_reference, teacher_terms
 from lens.core.residuals import capture_residuals
 from lens.core.translators import TunedLens, Unembed
 
@@ -92,7 +92,7 @@ def test_streaming_kl_reuses_teacher_rows(tiny_model):
     results = []
     for t in (teacher, teacher.repeat(2, 1)):
         xi = x.clone().requires_grad_()
-        loss = StreamingKL.apply(xi, w, b, t, 4)
+        loss = StreamingKL.apply(xi, w, b, *teacher_terms(t), 4)
         loss.backward()
         results.append((loss.detach(), xi.grad))
     assert_same(results[0], results[1])
@@ -175,3 +175,64 @@ def test_ridge_solve_on_model_residuals(tiny_model):
         stats.apply_to(lens)
         fitted_kl = lens_kl_loss(lens, unembed, residuals, teacher).mean()
     assert fitted_kl < logit_kl
+
+
+def test_residuals_without_logits_are_the_same_residuals(tiny_model):
+    """``logits=False`` skips the unembedding (no ``[B, T, V]`` block) and changes nothing upstream."""
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    with_logits, logits = capture_residuals(tiny_model, ids)
+    without, none = capture_residuals(tiny_model, ids, logits=False)
+    assert none is None and torch.equal(with_logits, without)
+    torch.testing.assert_close(Unembed(tiny_model)(without[-1]), logits, rtol=1e-5, atol=1e-5)  # the teacher the step rebuilds
+    assert capture_residuals(tiny_model, ids)[1].shape == logits.shape  # the hook is gone afterwards
+
+
+def test_training_step_takes_the_teacher_only_at_kept_positions(tiny_model):
+    """``part_losses`` = the full-logit KL at the same random positions (the teacher is no longer
+    computed, then thrown away, at the others)."""
+    from lens.config import LensConfig, OptimConfig
+    from lens.training.module import TunedLensModule
+
+    lens, unembed = random_lens(tiny_model), Unembed(tiny_model)
+    module = TunedLensModule(tiny_model, lens, LensConfig(positions_per_layer=5, kl_chunk=3), OptimConfig())
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(9)
+    fast = loss_and_grads(lambda: module.part_losses(ids), lens)
+    torch.manual_seed(9)
+    keep = torch.randperm(16)[:5]
+    residuals, logits = capture_residuals(tiny_model, ids)
+    teacher = logits.flatten(0, 1)[keep].float().log_softmax(-1)
+    slow = loss_and_grads(lambda: lens_kl_loss_reference(lens, unembed, residuals.flatten(1, 2)[:, keep], teacher), lens)
+    assert_same(fast, slow)
+
+
+@pytest.mark.parametrize("unembed_bias", [False, True])
+def test_layer_stats_match_the_per_token_statistics(tiny_model, unembed_bias):
+    """The evaluation's fused statistics (KL through ``p W``, one logsumexp) equal ``lens_token_stats``."""
+    from lens.core.metrics import Reading, lens_layer_stats, lens_token_stats
+
+    lens, unembed = random_lens(tiny_model), Unembed(tiny_model)
+    if unembed_bias:
+        unembed = with_unembed_bias(unembed)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(5))
+    residuals, _ = capture_residuals(tiny_model, ids)
+    reading = Reading.scored(residuals, unembed(residuals[-1]), ids)
+    slow = lens_token_stats(lens, unembed, reading)
+    fast = lens_layer_stats(lens, unembed, reading, chunk=7)
+    for name in ("ce", "kl", "entropy"):
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=2e-5)
+    assert (fast["kl"][-1] == 0).all() and fast["kl"][:-1].min() >= 0
+    rough = lens_layer_stats(lens, unembed, reading, chunk=7, entropy=False, matmul_dtype=torch.bfloat16)
+    assert "entropy" not in rough
+    for name in ("ce", "kl"):  # bf16 inputs: each logit off by ~2^-9 of its terms
+        torch.testing.assert_close(rough[name].mean(-1), slow[name].mean(-1), rtol=2e-2, atol=2e-2)
+
+
+def test_residuals_at_kept_positions_are_those_of_the_full_pass(tiny_model):
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
+    full, _ = capture_residuals(tiny_model, ids)
+    keep = torch.tensor([17, 0, 5, 9])
+    kept, _ = capture_residuals(tiny_model, ids, logits=False, positions=keep)
+    assert torch.equal(kept, full.flatten(1, 2)[:, keep])
+    with pytest.raises(ValueError, match="logits=False"):
+        capture_residuals(tiny_model, ids, positions=keep)

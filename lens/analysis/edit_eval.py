@@ -201,7 +201,7 @@ def lens_readings(
 ) -> dict[str, LensReading]:
     """The lens' p(target) and top-1 at every layer, at each named position of ``input_ids`` ``[1, T]``,
     under the model as it is now (``run`` names that state)."""
-    residuals, _ = capture_residuals(model, input_ids.to(model.device))  # [L+1, 1, T, d]
+    residuals, _ = capture_residuals(model, input_ids.to(model.device), logits=False)  # [L+1, 1, T, d]
     unembed = Unembed(model)
     return {
         name: reading_at(tokenizer, lens, unembed, residuals, position, target_id, run, token_label(tokenizer, int(input_ids[0, position])))

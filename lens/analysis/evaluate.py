@@ -11,7 +11,7 @@ from transformers import PreTrainedModel
 
 from lens.analysis.layers import LayerMetrics, LayerSums
 from lens.config import Metric
-from lens.core.metrics import Reading, lens_token_stats
+from lens.core.metrics import Reading, lens_layer_stats, lens_token_stats
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, Unembed
 
@@ -64,11 +64,14 @@ def evaluate_lenses(
     batch_size: int = 4,
     progress: bool = True,
 ) -> LensEvaluation:
-    """Mean per-layer metrics (nats) of each lens over held-out sequences."""
+    """Mean per-layer metrics (nats) of each lens over held-out sequences (``lens_layer_stats``:
+    only what the means need, none of the ranks and top-k that ``scored_batches`` gives)."""
+    unembed = Unembed(model)
     sums = {name: LayerSums() for name in lenses}
-    batches = tqdm(sequences.split(batch_size), desc="eval", disable=not progress)
-    for batch in scored_batches(model, lenses, batches):
-        for name, stats in batch.stats.items():
-            sums[name].add({m: stats[m] for m in METRICS})
+    for ids in tqdm(sequences.split(batch_size), desc="eval", disable=not progress):
+        ids = ids.to(model.device)  # [b, T]
+        reading = Reading.scored(*capture_residuals(model, ids), ids)
+        for name, lens in lenses.items():
+            sums[name].add(lens_layer_stats(lens, unembed, reading))
     tokens = next(iter(sums.values())).tokens
     return LensEvaluation(tokens, {name: LayerMetrics.from_sums(s) for name, s in sums.items()})

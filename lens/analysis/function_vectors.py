@@ -302,7 +302,7 @@ def lens_reading(
         with ExitStack() as stack:
             if vector is not None and layer is not None:
                 stack.enter_context(final_token_add(model, layer, vector, ids.shape[1]))
-            residuals, _ = capture_residuals(model, ids.to(model.device))  # [L+1, B, T, d]
+            residuals, _ = capture_residuals(model, ids.to(model.device), logits=False)  # [L+1, B, T, d]
         logp = unembed(lens.translate(residuals[:, :, -1])).float().log_softmax(-1)  # [L+1, B, V]
         answers = torch.tensor([prompts[i].answer for i in indices], device=logp.device)
         target = logp.gather(-1, answers[None, :, None].expand(logp.shape[0], -1, 1))  # [L+1, B, 1]

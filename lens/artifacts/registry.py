@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens.artifacts import tuned_lens
 from lens.artifacts.files import staged_folder, write_bytes, write_json
+from lens.artifacts.pretrained import pretrained_folder
 from lens.artifacts.metadata import (
     CONFIG,
     FORMAT_VERSION,
@@ -171,12 +172,15 @@ def check_fits(meta: ArtifactMeta, model: PreTrainedModel, source: str, allow_mi
         )
 
 
-def save_artifact(folder: str | Path, meta: ArtifactMeta, tensors: dict[str, torch.Tensor]) -> Path:
+def save_artifact(
+    folder: str | Path, meta: ArtifactMeta, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+) -> Path:
     """Write ``<kind>.safetensors`` then ``config.json`` into ``folder``, each atomically, stamped with
     the shapes written and the writer's library versions; refuse NaN/inf so a broken run never leaves
-    a usable-looking file behind."""
+    a usable-looking file behind. ``dtype`` is the storage type (loading always gives float32
+    modules): half precision halves the file at a KL cost measured in docs/learning_curves.md."""
     folder = Path(folder)
-    tensors = {name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}
+    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}
     shapes = {name: list(t.shape) for name, t in tensors.items()}
     meta = replace(meta, tensors=shapes, versions=library_versions(), format_version=FORMAT_VERSION)
     for name, tensor in tensors.items():
@@ -193,13 +197,18 @@ def model_record(model: PreTrainedModel | None, n_layers: int, d_model: int) -> 
 
 
 def save_lens(
-    lens: TunedLens, folder: str | Path, model: PreTrainedModel | None = None, train_config: dict | None = None, **details: Any
+    lens: TunedLens,
+    folder: str | Path,
+    model: PreTrainedModel | None = None,
+    train_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    **details: Any,
 ) -> Path:
     """Write a tuned lens; with ``model``, record the model it reads so later loads can check it."""
     if not isinstance(lens, TunedLens):
         raise TypeError(f"only tuned lenses have weights to save, got {type(lens).__name__}")
     meta = ArtifactMeta("tuned_lens", model_record(model, lens.n_layers, lens.d_model), {}, details, train_config)
-    return save_artifact(folder, meta, {"weight": lens.weight, "bias": lens.bias})
+    return save_artifact(folder, meta, {"weight": lens.weight, "bias": lens.bias}, dtype)
 
 
 def save_span_translator(
@@ -246,11 +255,21 @@ def load_span_translator(src: str | Path, model: PreTrainedModel | None = None, 
     return filled(translator, artifact.tensors)  # type: ignore[return-value]
 
 
+def load_pretrained(name: str, model: PreTrainedModel | None = None, allow_mismatch: bool = False) -> TunedLens:
+    """A pretrained lens, no training and (for shipped ones) no network: ``load_pretrained("smollm2-135m")``
+    reads the lens that ships in ``checkpoints/pretrained/``; a folder or the hub id of a lens
+    published with ``lens push`` also works. With ``model``, checked against it like any lens."""
+    return load_lens(pretrained_folder(name), model, allow_mismatch)
+
+
 def resolve_lens(spec: str, model: PreTrainedModel, model_name: str, allow_mismatch: bool = False) -> Lens:
     """``logit``; ``auto``: the lens trained under ``checkpoints/<model_name>/`` if there is one, else
-    the logit lens; anything else: a lens folder or tuned-lens hub id that must load."""
+    the logit lens; ``pretrained``: the lens shipped for ``model_name`` (``load_pretrained``);
+    anything else: a lens folder or tuned-lens hub id that must load."""
     if spec == "logit":
         return logit_lens_for(model)
+    if spec == "pretrained":
+        return load_pretrained(model_name, model, allow_mismatch)
     if spec == "auto":
         trained = Path("checkpoints") / model_name
         if not (trained / WEIGHTS["tuned_lens"]).is_file():

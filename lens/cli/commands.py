@@ -18,6 +18,7 @@ from lens.config import (
     CorpusConfig,
     FunctionVectorConfig,
     LensEvalConfig,
+    PushConfig,
     TraceConfig,
     TrajectoryConfig,
 )
@@ -110,5 +111,6 @@ COMMANDS: dict[str, Command] = {
     ),
     "trajectory": Command("what every layer predicts at every token of one text", TrajectoryConfig, "lens.runs.trajectory:trajectory"),
     "convert": Command("write any loadable lens (ours, tuned-lens folder or hub id) in this project's format", ConvertConfig, "lens.cli.commands:convert"),
+    "push": Command("write a trained lens as a hub-ready folder with its model card, and upload it when the hub answers", PushConfig, "lens.runs.push:push"),
     "corpus": Command("fetch and extract the embedded default corpus into the cache", CorpusConfig, "lens.cli.commands:corpus"),
 }

@@ -24,7 +24,8 @@ class StreamingKL(torch.autograd.Function):
 
     d KL / d logits = softmax(student) - teacher, so ``grad_x = (q - p) @ W`` falls out of the
     forward pass chunk by chunk; backward only rescales it. Peak memory is one ``[chunk, V]``
-    block instead of ``[rows, V]`` kept alive for autograd.
+    block (plus the teacher) instead of ``[rows, V]`` kept alive for autograd. The teacher comes as
+    probabilities ``p`` and ``sum p log p`` per row, computed once for all layers (``teacher_terms``).
     """
 
     @staticmethod
@@ -33,21 +34,22 @@ class StreamingKL(torch.autograd.Function):
         x: torch.Tensor,  # [N, d] normed hidden states (student)
         weight: torch.Tensor,  # [V, d] unembedding, frozen
         bias: torch.Tensor | None,  # [V]
-        teacher_logp: torch.Tensor,  # [M, V] log-probs; row i of x uses teacher row i % M
+        teacher_p: torch.Tensor,  # [M, V] probabilities; row i of x uses teacher row i % M
+        teacher_p_log_p: torch.Tensor,  # [M]: sum_v p log p of each teacher row
         chunk: int,
     ) -> torch.Tensor:
         total = x.new_zeros((), dtype=torch.float32)
         grad = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        n_teacher = teacher_logp.shape[0]
+        n_teacher = teacher_p.shape[0]
         for start in range(0, x.shape[0], chunk):
-            rows = torch.arange(start, min(start + chunk, x.shape[0]), device=x.device)
-            logits = F.linear(x[rows], weight, bias).float()  # [c, V]
-            log_q = logits.log_softmax(-1)
-            log_p = teacher_logp[rows % n_teacher].float()
-            p = log_p.exp()
-            total += (p * (log_p - log_q)).sum()
+            stop = min(start + chunk, x.shape[0])
+            first = start % n_teacher
+            rows = slice(first, first + stop - start) if first + stop - start <= n_teacher else torch.arange(start, stop) % n_teacher
+            p = teacher_p[rows]  # a view unless the chunk wraps around the teacher
+            log_q = F.linear(x[start:stop], weight, bias).float().log_softmax(-1)  # [c, V]
+            total += teacher_p_log_p[rows].sum() - batched_dot(p, log_q).sum()  # no [c, V] products
             if grad is not None:
-                grad[rows] = ((log_q.exp() - p).to(weight.dtype) @ weight).to(x.dtype)
+                grad[start:stop] = (log_q.exp_().sub_(p).to(weight.dtype) @ weight).to(x.dtype)  # q - p, in place
         ctx.save_for_backward(grad if grad is not None else x.new_empty(0))
         return total
 
@@ -55,7 +57,14 @@ class StreamingKL(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         grad_x = grad * grad_out.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
+
+
+def teacher_terms(teacher_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[M, V]`` log-probs -> probabilities ``[M, V]`` and ``sum p log p`` ``[M]`` (float32)."""
+    log_p = teacher_logp.float()
+    p = log_p.exp()
+    return p, batched_dot(p, log_p)
 
 
 def lens_kl_loss(
@@ -65,13 +74,16 @@ def lens_kl_loss(
     teacher_logp: torch.Tensor,  # [N, V]
     chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
-    """Per-layer mean KL(final || lens) for layers ``0..L-1``, shape ``[L]``; one backward serves all."""
+    """Per-layer mean KL(final || lens) for layers ``0..L-1``, shape ``[L]``; one backward serves all.
+    Pass ``teacher_logp`` without keeping a reference, and only its probabilities stay alive."""
+    teacher_p, teacher_p_log_p = teacher_terms(teacher_logp)
+    del teacher_logp
     n_layers, n_tokens = residuals.shape[0] - 1, residuals.shape[1]
     translated = lens.translate(residuals)[:-1]  # [L, N, d]
     normed = unembed.final_norm(translated).reshape(n_layers * n_tokens, -1)
     w, b = unembed.unembed.weight, unembed.unembed.bias
     per_layer = [
-        StreamingKL.apply(normed[i * n_tokens : (i + 1) * n_tokens], w, b, teacher_logp, chunk)
+        StreamingKL.apply(normed[i * n_tokens : (i + 1) * n_tokens], w, b, teacher_p, teacher_p_log_p, chunk)
         for i in range(n_layers)
     ]
     return torch.stack(per_layer) / n_tokens
@@ -174,6 +186,68 @@ def lens_token_stats(
     if targets is None:
         del out["ce"], out["target_rank"]
     return out
+
+
+@torch.no_grad()
+def lens_layer_stats(
+    lens: Lens,
+    unembed: Unembed,
+    reading: Reading,
+    chunk: int = DEFAULT_CHUNK,
+    entropy: bool = True,
+    matmul_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per layer x token cross-entropy, KL(final || lens) and entropy ``[L+1, N]`` in nats: what a
+    held-out evaluation averages, with as few passes over each ``[chunk, V]`` block of logits as
+    they allow.
+
+    ``KL = sum p log p - sum p z + logsumexp(z)`` for lens logits ``z = W x + b``, and
+    ``sum_v p_v z_v = (p W) . x + p . b``: the teacher's side is one ``[c, V] @ [V, d]`` product per
+    chunk shared by every layer, so a layer's KL costs its logits and one log-softmax; CE is one gathered
+    log-probability, and the entropy one exp and one batched dot. ``lens_token_stats`` (ranks,
+    top-k, any reading) gives the same numbers to float rounding. The reading needs targets, and its
+    last row is the final layer (read from ``final_logits``, so KL is exactly 0 there).
+    ``entropy=False`` leaves the entropy out; ``matmul_dtype=torch.bfloat16`` computes the lens
+    logits from bf16 inputs (3.6x the float32 matmul on a CPU with AMX; its error on the mean
+    statistics is measured in docs/learning_curves.md).
+    """
+    residuals, final_logits, targets = reading.residuals, reading.final_logits, reading.targets
+    if targets is None:
+        raise ValueError("lens_layer_stats scores next tokens: the reading needs targets")
+    n_rows, n_tokens = residuals.shape[0], residuals.shape[1]
+    out = {name: torch.empty(n_rows, n_tokens) for name in ("ce", "kl", "entropy")[: 3 if entropy else 2]}
+    weight, bias = unembed.unembed.weight, unembed.unembed.bias  # [V, d], [V] or None
+    dtype = matmul_dtype or weight.dtype
+    weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
+    for start in range(0, n_tokens, chunk):
+        sl = slice(start, start + chunk)
+        log_p = final_logits[sl].float().log_softmax(-1)  # [c, V]
+        p = log_p.exp()
+        p_log_p = batched_dot(p, log_p)  # [c]: minus the model's entropy
+        p_weight = p @ weight.float()  # [c, d]
+        p_bias = p @ bias.float() if bias is not None else 0.0
+        valid = targets[sl] >= 0
+        tgt = targets[sl].clamp(min=0)[:, None]  # [c, 1]
+        for row in range(n_rows - 1):
+            x = unembed.final_norm(lens.translate_layer(residuals[row, sl], row)).to(dtype)  # [c, d]
+            z = F.linear(x, weight, bias).float()  # [c, V]
+            log_q = z.log_softmax(-1)
+            lse = z[:, 0] - log_q[:, 0]  # log_softmax is faster than logsumexp on CPU; any column gives it
+            out["ce"][row, sl] = torch.where(valid, -log_q.gather(-1, tgt)[:, 0], torch.nan)
+            # a KL is >= 0; rounding leaves a hair below 0 where lens and model nearly agree
+            out["kl"][row, sl] = (p_log_p - (x.float() * p_weight).sum(-1) - p_bias + lse).clamp(min=0.0)
+            if entropy:
+                out["entropy"][row, sl] = -batched_dot(torch.exp(log_q, out=z), log_q)  # q written over z
+        out["ce"][-1, sl] = torch.where(valid, -log_p.gather(-1, tgt)[:, 0], torch.nan)
+        out["kl"][-1, sl] = 0.0
+        if entropy:
+            out["entropy"][-1, sl] = -p_log_p
+    return out
+
+
+def batched_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products ``[c, V], [c, V] -> [c]`` without an elementwise-product temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
 def kl_to_teacher(teacher_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

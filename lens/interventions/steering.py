@@ -141,7 +141,7 @@ def actadd_tensor(
         ids = [prompt_ids(tokenizer, p, add_special_tokens, prepend_bos) for p in (plus, minus)]
         length = max(map(len, ids))
         batch = torch.tensor([seq + [pad] * (length - len(seq)) for seq in ids], device=model.device)  # [2, k]
-        residuals, _ = capture_residuals(model, batch)  # [L+1, 2, k, d]
+        residuals, _ = capture_residuals(model, batch, logits=False)  # [L+1, 2, k, d]
         h = residuals[layer].float()  # [2, k, d]
         diffs.append(coefficient * (h[0] - h[1]))  # [k, d]
     k = max(diff.shape[0] for diff in diffs)
@@ -250,7 +250,7 @@ class SteeringVector:
                     f"token_index {token_index} out of range for prompt {prompt!r} ({len(ids)} tokens): "
                     f"valid {-len(ids)}..{len(ids) - 1}"
                 )
-            residuals, _ = capture_residuals(model, torch.tensor([ids], device=model.device))
+            residuals, _ = capture_residuals(model, torch.tensor([ids], device=model.device), logits=False)
             return residuals[layer, 0, token_index].float().cpu()
 
         pos = torch.stack([read(p) for p in positives])  # [P, d]

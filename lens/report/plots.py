@@ -444,3 +444,40 @@ def plot_direction_lens(readings: list[LensFlip], labels: list[str], path: str |
         )
     fig.suptitle(title or "value-space direction through the lens", fontsize=9)
     return save_figure(fig, path)
+
+
+ARM_LABELS = {
+    "published": "published recipe (zero init, all positions)",
+    "default": "ours (closed form + KL, 64 positions/step)",
+    "closed_form": "closed form alone",
+}
+
+
+def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Mean held-out KL against training tokens seen and against training wall time, one line per arm,
+    and each arm's per-layer KL at its last point (``eval/learning_curves.py``'s record)."""
+    fig, axes = panels_figure(1, 3, figsize=(16, 4.6))
+    arms = {arm: sorted((p for p in record["points"] if p["arm"] == arm), key=lambda p: (p["tokens"], p["wall_s"])) for arm in ARM_LABELS}
+    for arm, points in arms.items():
+        trained = [p for p in points if p["tokens"] > 0]
+        if not trained:
+            continue
+        label = ARM_LABELS[arm]
+        line = axes[0].plot([p["tokens"] for p in trained], [p["mean_kl"] for p in trained], marker="o", label=label)[0]
+        axes[1].plot([p["wall_s"] for p in trained], [p["mean_kl"] for p in trained], marker="o", color=line.get_color(), label=label)
+        last = trained[-1]
+        axes[2].plot(range(len(last["kl"]) - 1), last["kl"][:-1], marker="o", markersize=3, color=line.get_color(),
+                     label=f"{arm}: {last['label']} ({last['tokens']:,} tokens)")
+    logit = [p for p in arms["published"] if p["tokens"] == 0]
+    if logit:
+        axes[2].plot(range(len(logit[0]["kl"]) - 1), logit[0]["kl"][:-1], color="black", linestyle=":", label="logit lens")
+    for ax, xlabel in zip(axes, ("training tokens seen (closed form + KL steps)", "training wall time [s] (evaluation excluded)", "layer (residual after n blocks)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("KL(final || lens) [nats/token]" if ax is axes[2] else "mean KL(final || lens) over layers [nats/token]")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_xscale("log")
+    axes[1].set_xscale("log")
+    fig.suptitle(title or f"learning curves: held-out KL on {record.get('held_out_tokens', 0):,} tokens no arm trains on")
+    return save_figure(fig, path)

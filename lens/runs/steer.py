@@ -111,7 +111,7 @@ def steering_scale(model: PreTrainedModel, ids: torch.Tensor, steer: ResidualAdd
     """
     rows, tail = steer.offsets()  # [k, d], [d] or None
     ids = ids.to(model.device)  # [1, T]
-    residuals, _ = capture_residuals(model, ids)  # [L+1, 1, T, d]
+    residuals, _ = capture_residuals(model, ids, logits=False)  # [L+1, 1, T, d]
     norms = residuals[steer.layer, 0].float().norm(dim=-1)  # [T]
     typical = float(norms[1:].median()) if norms.numel() > 1 else float(norms[0])
     added = rows.float().norm(dim=-1).tolist() + ([float(tail.float().norm())] if tail is not None else [])

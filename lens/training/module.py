@@ -26,7 +26,8 @@ from lens.training.guards import nonfinite_parts, should_skip
 def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         lr = cfg.lr_scale * (1 - cfg.momentum)  # tuned-lens: undo SGD's 1/(1-momentum) gain
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+        # fused: the update in place, without the two grad-sized temporaries of the foreach path
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay, fused=True)
     return torch.optim.AdamW(params, lr=cfg.lr_scale * 1e-3, weight_decay=cfg.weight_decay)  # "adam": the schema allows no other
 
 
@@ -130,12 +131,13 @@ class TunedLensModule(FrozenModelModule):
         return self.trainable  # type: ignore[return-value]
 
     def part_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
-        residuals, logits = capture_residuals(self.base_model, input_ids)  # [L+1, B, T, d], [B, T, V]
-        residuals, logits = residuals.flatten(1, 2), logits.flatten(0, 1)  # [L+1, N, d], [N, V]
-        k = self.lens_cfg.positions_per_layer
-        if k is not None and k < residuals.shape[1]:
-            keep = torch.randperm(residuals.shape[1], device=residuals.device)[:k]
-            residuals, logits = residuals[:, keep], logits[keep]
-        teacher_logp = logits.float().log_softmax(-1)  # [k, V]: only the kept positions pay for it
-        del logits
-        return lens_kl_loss(self.lens, self.unembed, residuals, teacher_logp, self.lens_cfg.kl_chunk)
+        n, k = input_ids.numel(), self.lens_cfg.positions_per_layer
+        keep = torch.randperm(n, device=input_ids.device)[:k] if k is not None and k < n else None
+        # only the kept positions' residuals stay alive, and the model's own head computes nothing
+        residuals, _ = capture_residuals(self.base_model, input_ids, logits=False, positions=keep)
+        residuals = residuals.flatten(1, -2)  # [L+1, k, d] (already flat when positions were kept)
+        # the teacher [k, V] only where the KL is taken: the model's own final norm + unembedding on its last
+        # residual, handed over without a reference here, so only its probabilities stay alive
+        return lens_kl_loss(
+            self.lens, self.unembed, residuals, self.unembed(residuals[-1]).float().log_softmax(-1), self.lens_cfg.kl_chunk
+        )

@@ -31,7 +31,7 @@ class SpanTranslatorModule(FrozenModelModule):
     def part_losses(self, input_ids: torch.Tensor) -> torch.Tensor:
         model, t = self.base_model, self.translator
         if self.loss == "mse":
-            residuals, _ = capture_residuals(model, input_ids)  # [L+1, B, T, d]
+            residuals, _ = capture_residuals(model, input_ids, logits=False)  # [L+1, B, T, d]
             return (t(residuals[t.start].float()) - residuals[t.end].float()).pow(2).mean()[None]
         with torch.no_grad():
             teacher_logp = model(input_ids, use_cache=False).logits.float().log_softmax(-1)  # [B, T, V]

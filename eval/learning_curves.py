@@ -1,0 +1,232 @@
+"""Learning curves on the embedded default: held-out KL per layer against training tokens seen.
+
+``python eval/learning_curves.py`` (about 70 minutes on an idle 2-core CPU; resumable: finished
+points are kept in the JSON and skipped on the next run). Three arms, one fixed held-out set:
+
+- ``published``: the tuned-lens recipe (zero init, every position, full-vocabulary KL, SGD
+  Nesterov, linear decay), re-implemented in ``bench_train.py``; one run whose learning rate
+  decays over its last step, read at intermediate steps.
+- ``default``: this project's path: the closed-form start on the first ``n`` training tokens,
+  then KL fine-tuning with ``positions_per_layer`` (``configs/default.yaml`` is the first point).
+  Each point is its own run, with its own schedule.
+- ``closed_form``: the closed-form start alone on growing token counts (one pass, solved at each).
+
+Held-out: the first ``--eval-seqs`` sequences of the held-out pages (``data.eval_percent`` of
+them, never trained on by any arm); per-layer KL(final || lens) and CE, the lens logits from bf16
+inputs (``lens_layer_stats``; its error is measured at the end against float32). Writes
+``eval/out/learning_curves/curves.json``, TensorBoard logs and ``learning_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from bench_train import PublishedTunedLens, cycle, published_step
+from lens.analysis.layers import LayerSums, mean_over_lens_layers
+from lens.artifacts.files import write_json
+from lens.artifacts.registry import load_lens, save_lens
+from lens.config import TrainConfig, load_config, to_dict
+from lens.core.arch import get_final_norm, get_unembed
+from lens.core.closed_form import RidgeStats, fit_residuals
+from lens.core.metrics import Reading, lens_layer_stats, next_token_targets
+from lens.core.residuals import capture_residuals
+from lens.core.translators import Lens, TunedLens, Unembed, logit_lens_for
+from lens.report.plots import plot_learning_curves
+from lens.training.datamodule import model_and_data
+from lens.training.lens_run import make_trainer
+from lens.training.module import TunedLensModule
+from transformers import get_linear_schedule_with_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class HeldOut:
+    """The held-out residuals ``[L+1, N, d]`` and next tokens ``[N]``, captured once for every point."""
+
+    def __init__(self, model, sequences: torch.Tensor, batch_size: int) -> None:
+        parts, targets = [], []
+        for ids in tqdm(sequences.split(batch_size), desc="held-out residuals"):
+            residuals, _ = capture_residuals(model, ids, logits=False)  # [L+1, b, T, d]
+            parts.append(residuals[:, :, :-1].flatten(1, 2).float())  # the last position has no next token
+            targets.append(next_token_targets(ids)[:, :-1].flatten())
+        self.residuals, self.targets = torch.cat(parts, 1), torch.cat(targets)
+        self.unembed = Unembed(model)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.targets.numel())
+
+    @torch.no_grad()
+    def score(self, lens: Lens, matmul_dtype: torch.dtype | None = torch.bfloat16, chunk: int = 512) -> dict[str, list[float]]:
+        """Per-layer mean KL and CE (nats); the teacher is the model's own head on the last residual."""
+        sums = LayerSums()
+        for start in tqdm(range(0, self.tokens, chunk), desc="held-out KL", leave=False):
+            sl = slice(start, start + chunk)
+            reading = Reading(self.residuals[:, sl], self.unembed(self.residuals[-1, sl]), self.targets[sl])
+            sums.add(lens_layer_stats(lens, self.unembed, reading, chunk, entropy=False, matmul_dtype=matmul_dtype))
+        return sums.means()
+
+
+class Clock:
+    """Training time of one arm, wall and process CPU, with evaluation pauses taken out."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.paused_wall = self.paused_cpu = 0.0
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall - self.paused_wall, time.process_time() - self.cpu - self.paused_cpu
+
+    def pause(self, work: Callable[[], Any]) -> Any:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            return work()
+        finally:
+            self.paused_wall += time.perf_counter() - wall
+            self.paused_cpu += time.process_time() - cpu
+
+
+class Curves:
+    """Points on disk (JSON, rewritten atomically after each) and in TensorBoard; resumable."""
+
+    def __init__(self, out: Path, held_out: HeldOut) -> None:
+        self.path, self.held_out = out / "curves.json", held_out
+        self.record: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"points": []}
+        self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def done(self, arm: str, label: str) -> bool:
+        return any(p["arm"] == arm and p["label"] == label for p in self.record["points"])
+
+    def add(self, arm: str, label: str, lens: Lens, tokens: int, clock: Clock, **extra: Any) -> None:
+        wall, cpu = clock.read()
+        metrics = clock.pause(lambda: self.held_out.score(lens))
+        point = {"arm": arm, "label": label, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, **extra,
+                 "kl": metrics["kl"], "ce": metrics["ce"], "mean_kl": mean_over_lens_layers(metrics["kl"]),
+                 "mean_ce": mean_over_lens_layers(metrics["ce"])}
+        self.record["points"] = [p for p in self.record["points"] if (p["arm"], p["label"]) != (arm, label)] + [point]
+        write_json(self.record, self.path)
+        self.tb.add_scalar(f"{arm}/mean_kl", point["mean_kl"], tokens)
+        for layer, value in enumerate(metrics["kl"][:-1]):
+            self.tb.add_scalar(f"{arm}/kl_layer_{layer:02d}", value, tokens)
+        self.tb.flush()
+        print(f"{arm:>11} {label:>14}: {tokens:>8,} tokens, {wall:7.1f} s, mean KL {point['mean_kl']:.4f} nats")
+
+
+def closed_form_arm(model, train: torch.Tensor, cfg: TrainConfig, curves: Curves, counts: list[int], out: Path) -> None:
+    """One pass over the training sequences; the ridge solution at each count is a point (and is saved)."""
+    labels = {n: f"cf{n}" for n in counts}
+    if all(curves.done("closed_form", labels[n]) and (out / "lenses" / labels[n]).exists() for n in counts):
+        return
+    stats = RidgeStats(model.config.num_hidden_layers, model.config.hidden_size)
+    clock, seen, batch = Clock(), 0, cfg.data.batch_size
+    for residuals in fit_residuals(model, train[: max(counts)], batch, "closed-form curve"):
+        stats.update(residuals)
+        seen += batch
+        if seen in labels:
+            lens = TunedLens.for_model(model)
+            stats.apply_to(lens, cfg.lens.ridge)
+            clock.pause(lambda: save_lens(lens, out / "lenses" / labels[seen]))
+            curves.add("closed_form", labels[seen], lens, seen * cfg.data.seq_len, clock, cf_sequences=seen)
+
+
+def default_arm(model, data, cfg: TrainConfig, curves: Curves, budgets: list[tuple[int, int]], out: Path) -> None:
+    """The default path at growing budgets: (closed-form sequences, KL steps), each its own run."""
+    cf_time = {p["label"]: (p["wall_s"], p["cpu_s"]) for p in curves.record["points"] if p["arm"] == "closed_form"}
+    for cf_seqs, steps in budgets:
+        label = f"cf{cf_seqs}+kl{steps}"
+        if curves.done("default", label):
+            continue
+        lens = load_lens(out / "lenses" / f"cf{cf_seqs}", model=model)
+        clock = Clock()
+        step_cfg = replace(cfg, run_name=f"default_{label}", output_dir=str(out / "runs"), optim=replace(cfg.optim, num_steps=steps))
+        trainer = make_trainer(step_cfg, step_cfg.run_dir)
+        trainer.fit(TunedLensModule(model, lens, step_cfg.lens, step_cfg.optim), datamodule=data)
+        model.to("cpu")
+        cf_wall, cf_cpu = cf_time[f"cf{cf_seqs}"]
+        clock.wall -= cf_wall  # the closed form this run started from is part of its cost
+        clock.cpu -= cf_cpu
+        tokens = (cf_seqs + steps * cfg.data.batch_size) * cfg.data.seq_len
+        curves.add("default", label, lens.cpu(), tokens, clock, cf_sequences=cf_seqs, kl_steps=steps)
+        clock.pause(lambda: save_lens(lens, out / "lenses" / label, model, to_dict(step_cfg)))
+
+
+def published_arm(model, data, cfg: TrainConfig, curves: Curves, steps: int, read_at: list[int]) -> None:
+    """The published recipe for ``steps`` steps at the default batch, read at ``read_at`` steps."""
+    if all(curves.done("published", f"step{s}") for s in read_at):
+        return
+    torch.manual_seed(cfg.seed)
+    norm, unembed = get_final_norm(model), get_unembed(model)
+    lens = PublishedTunedLens(model.config.num_hidden_layers, model.config.hidden_size)
+    opt = torch.optim.SGD(lens.parameters(), lr=1.0 * (1 - 0.9), momentum=0.9, nesterov=True, weight_decay=1e-3)
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+    batches, clock = cycle(data.train_dataloader()), Clock()
+    if not curves.done("published", "step0"):
+        curves.add("published", "step0", logit_lens_for(model), 0, clock, kl_steps=0)
+    for step in tqdm(range(1, steps + 1), desc="published recipe"):
+        published_step(model, lens, norm, unembed, next(batches)[0], opt, sched)
+        if step in read_at:
+            tokens = step * cfg.data.batch_size * cfg.data.seq_len
+            curves.add("published", f"step{step}", lens.as_tuned_lens(), tokens, clock, kl_steps=step)
+
+
+def base_forward_rate(model, sequences: torch.Tensor, batch: int) -> float:
+    """Tokens/s of one plain forward of the model (logits included): the floor for reading residuals."""
+    started = time.perf_counter()
+    with torch.no_grad():
+        for ids in sequences.split(batch):
+            model(input_ids=ids, use_cache=False)
+    return sequences.numel() / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--out", default=str(ROOT / "eval" / "out" / "learning_curves"))
+    p.add_argument("--eval-seqs", type=int, default=240, help="held-out sequences (240 x 127 scored = 30,480 tokens)")
+    p.add_argument("--cf-seqs", default="64,256,512,1024,1408", help="closed-form arm: sequence counts")
+    p.add_argument("--default-budgets", default="64:20,256:80,1408:80,1408:320", help="default arm: cf_seqs:kl_steps")
+    p.add_argument("--published-steps", type=int, default=64)
+    p.add_argument("--published-reads", default="16,64")
+    p.add_argument("--arms", default="closed_form,default,published")
+    p.add_argument("--min-held-out", type=int, default=30_000, help="refuse fewer held-out tokens (0 for a smoke run)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(TrainConfig, args.config, [f"data.max_eval_sequences={args.eval_seqs}", "trainer.progress_bar=false",
+                                                 "trainer.checkpoint_every_n_steps=0", "trainer.val_every_n_steps=1000000"])
+    model, data = model_and_data(cfg)
+    held_out = HeldOut(model, data.val_sequences, cfg.data.batch_size)  # type: ignore[arg-type]
+    if held_out.tokens < args.min_held_out:
+        sys.exit(f"only {held_out.tokens} held-out tokens: raise --eval-seqs or data.eval_percent")
+    curves = Curves(out, held_out)
+    train = data.train_sequences(10**9)
+    curves.record.update(held_out_tokens=held_out.tokens, train_tokens=int(train.numel()), eval_percent=cfg.data.eval_percent)
+    if "base_forward_tokens_per_s" not in curves.record:
+        curves.record["base_forward_tokens_per_s"] = base_forward_rate(model, train[:64], cfg.data.batch_size)
+    arms = args.arms.split(",")
+    counts = [int(n) for n in args.cf_seqs.split(",")]
+    budgets = [tuple(int(x) for x in b.split(":")) for b in args.default_budgets.split(",")]
+    if "closed_form" in arms or "default" in arms:
+        closed_form_arm(model, train, cfg, curves, counts, out)
+    if "default" in arms:
+        default_arm(model, data, cfg, curves, budgets, out)  # type: ignore[arg-type]
+    if "published" in arms:
+        reads = [int(s) for s in args.published_reads.split(",")]
+        published_arm(model, data, cfg, curves, args.published_steps, reads)
+    write_json(curves.record, curves.path)
+    plot_learning_curves(curves.record, out / "learning_curves.png")
+    print(f"wrote {curves.path} and {out / 'learning_curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
