@@ -9,7 +9,7 @@ the logit lens) and produce per-layer mean cross-entropy, entropy and KL(final |
   ``log_softmax``, its ``exp``, ``cross_entropy`` (which takes the log-softmax again), the entropy and the
   KL as elementwise sums over the vocabulary, on the whole batch at once.
 - ``ours``: ``lens.analysis.evaluate.evaluate_lenses`` (residuals by hooks, the unembedding skipped
-  where nothing reads it, ``lens_layer_stats``: KL through ``p W``, one logsumexp, a batched dot for
+  where nothing reads it, ``lens_layer_stats``: KL through ``p W``, one log-softmax, a batched dot for
   the entropy), float32; and the same with bf16 matmul inputs, which the learning curves use.
 
 Accuracy: every path's per-layer means are compared with the same statistics in float64 on the

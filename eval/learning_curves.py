@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -107,9 +108,10 @@ class Curves:
     def done(self, arm: str, label: str) -> bool:
         return any(p["arm"] == arm and p["label"] == label for p in self.record["points"])
 
-    def add(self, arm: str, label: str, lens: Lens, tokens: int, clock: Clock, **extra: Any) -> None:
-        wall, cpu = clock.read()
-        metrics = clock.pause(lambda: self.held_out.score(lens))
+    def add(self, arm: str, label: str, lens: Lens, tokens: int, clock: Clock | tuple[float, float | None], **extra: Any) -> None:
+        wall, cpu = clock.read() if isinstance(clock, Clock) else clock
+        pause = clock.pause if isinstance(clock, Clock) else (lambda work: work())
+        metrics = pause(lambda: self.held_out.score(lens))
         point = {"arm": arm, "label": label, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, **extra,
                  "kl": metrics["kl"], "ce": metrics["ce"], "mean_kl": mean_over_lens_layers(metrics["kl"]),
                  "mean_ce": mean_over_lens_layers(metrics["ce"])}
@@ -179,6 +181,48 @@ def published_arm(model, data, cfg: TrainConfig, curves: Curves, steps: int, rea
             curves.add("published", f"step{step}", lens.as_tuned_lens(), tokens, clock, kl_steps=step)
 
 
+def precision_check(held_out: HeldOut, lens: TunedLens, tokens: int) -> dict[str, Any]:
+    """On the first ``tokens`` held-out tokens, float32 statistics: the lens as trained, and stored in bf16 /
+    fp16 (what ``lens push storage=`` costs); and the bf16-input statistics the curves use (their error)."""
+    part = HeldOut.__new__(HeldOut)
+    part.residuals, part.targets, part.unembed = held_out.residuals[:, :tokens], held_out.targets[:tokens], held_out.unembed
+    out: dict[str, Any] = {"tokens": part.tokens}
+    for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        stored = TunedLens(lens.n_layers, lens.d_model)
+        stored.load_state_dict({k: v.to(dtype).float() if dtype else v for k, v in lens.state_dict().items()})
+        out[f"stored_{name}"] = part.score(stored, matmul_dtype=None)
+    out["bf16_statistics"] = part.score(lens, matmul_dtype=torch.bfloat16)
+    for key in ("stored_bfloat16", "stored_float16", "bf16_statistics"):
+        out[f"{key}_mean_kl_minus_float32"] = mean_over_lens_layers(out[key]["kl"]) - mean_over_lens_layers(out["stored_float32"]["kl"])
+        out[f"{key}_max_layer_kl_diff"] = max(abs(a - b) for a, b in zip(out[key]["kl"], out["stored_float32"]["kl"]))
+    return out
+
+
+def add_run(curves: Curves, run: Path, model) -> None:
+    """A finished ``lens train`` run (e.g. ``configs/pretrained_smollm2.yaml``) as a point of the default arm,
+    timed by the run itself (closed form + KL steps, its recorded ``train_seconds``)."""
+    lens = load_lens(run, model=model)
+    meta = json.loads((run / "config.json").read_text())
+    train, seconds = meta["train_config"], meta["details"]["train_seconds"]
+    cf, steps = train["lens"]["lstsq_sequences"], train["optim"]["num_steps"]
+    tokens = (cf + steps * train["data"]["batch_size"]) * train["data"]["seq_len"]
+    curves.add("default", f"cf{cf}+kl{steps}", lens, tokens, (seconds, None), cf_sequences=cf, kl_steps=steps, run=str(run))
+
+
+def table(record: dict[str, Any]) -> str:
+    """The points as a markdown table, with each point's mean-KL change per doubling of tokens since the previous one."""
+    rows = ["| arm | point | tokens seen | train wall s (CPU s) | mean KL | mean CE | KL change per doubling |", "|---|---|---:|---:|---:|---:|---:|"]
+    for arm in ("closed_form", "default", "published"):
+        points = sorted((p for p in record["points"] if p["arm"] == arm), key=lambda p: (p["tokens"], p["wall_s"]))
+        for prev, p in zip([None, *points], points):
+            change = ""
+            if prev is not None and prev["tokens"] > 0 and p["tokens"] > prev["tokens"]:
+                doublings = math.log2(p["tokens"] / prev["tokens"])
+                change = f"{100 * ((p['mean_kl'] / prev['mean_kl']) ** (1 / doublings) - 1):+.1f}%"
+            rows.append(f"| {arm} | {p['label']} | {p['tokens']:,} | {p['wall_s']:.0f} ({'-' if p['cpu_s'] is None else round(p['cpu_s'])}) | {p['mean_kl']:.4f} | {p['mean_ce']:.4f} | {change} |")
+    return "\n".join(rows)
+
+
 def base_forward_rate(model, sequences: torch.Tensor, batch: int) -> float:
     """Tokens/s of one plain forward of the model (logits included): the floor for reading residuals."""
     started = time.perf_counter()
@@ -195,12 +239,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-seqs", type=int, default=240, help="held-out sequences (240 x 127 scored = 30,480 tokens)")
     p.add_argument("--cf-seqs", default="64,256,512,1024,1408", help="closed-form arm: sequence counts")
     p.add_argument("--default-budgets", default="64:20,256:80,1408:80,1408:320", help="default arm: cf_seqs:kl_steps")
-    p.add_argument("--published-steps", type=int, default=64)
-    p.add_argument("--published-reads", default="16,64")
+    p.add_argument("--published-steps", type=int, default=32)
+    p.add_argument("--published-reads", default="8,32")
     p.add_argument("--arms", default="closed_form,default,published")
     p.add_argument("--min-held-out", type=int, default=30_000, help="refuse fewer held-out tokens (0 for a smoke run)")
+    p.add_argument("--check-lens", help="instead of curves: storage-dtype and bf16-statistics error of this lens folder")
+    p.add_argument("--check-tokens", type=int, default=8128, help="held-out tokens for --check-lens")
+    p.add_argument("--add-run", help="instead of curves: add this finished lens train run as a default-arm point")
+    p.add_argument("--table", action="store_true", help="print the recorded points as a markdown table and stop")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.table:
+        print(table(json.loads((out / "curves.json").read_text())))
+        return
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(TrainConfig, args.config, [f"data.max_eval_sequences={args.eval_seqs}", "trainer.progress_bar=false",
                                                  "trainer.checkpoint_every_n_steps=0", "trainer.val_every_n_steps=1000000"])
@@ -208,7 +259,16 @@ def main(argv: list[str] | None = None) -> None:
     held_out = HeldOut(model, data.val_sequences, cfg.data.batch_size)  # type: ignore[arg-type]
     if held_out.tokens < args.min_held_out:
         sys.exit(f"only {held_out.tokens} held-out tokens: raise --eval-seqs or data.eval_percent")
+    if args.check_lens:
+        report = precision_check(held_out, load_lens(args.check_lens, model=model), args.check_tokens)
+        write_json(report, out / "precision.json")
+        print({k: v for k, v in report.items() if k.endswith(("_float32", "_diff"))}, f"wrote {out / 'precision.json'}")
+        return
     curves = Curves(out, held_out)
+    if args.add_run:
+        add_run(curves, Path(args.add_run), model)
+        plot_learning_curves(curves.record, out / "learning_curves.png")
+        return
     train = data.train_sequences(10**9)
     curves.record.update(held_out_tokens=held_out.tokens, train_tokens=int(train.numel()), eval_percent=cfg.data.eval_percent)
     if "base_forward_tokens_per_s" not in curves.record:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from lens.artifacts.metadata import ArtifactMeta
-from lens.config import DEFAULT_CORPUS, DEFAULT_MODEL, lens_recipe
+from lens.config import DEFAULT_CORPUS, DEFAULT_MODEL, SHIPPED_LENSES, lens_recipe
 from lens.data.corpus import VERSION as CORPUS_VERSION
 
 KNOWN_MODELS = {
@@ -71,6 +71,8 @@ def model_card(meta: ArtifactMeta, evaluation: Mapping[str, Any], repo_id: str, 
         f'model, tokenizer = load_model("{name}")',
         f'lens = load_pretrained("{repo_id}", model=model)   # checked against the model\'s unembedding fingerprint',
         "```",
+        *([f'In a clone of the `lens` repository this folder ships as `checkpoints/{SHIPPED_LENSES[name]}`: `load_pretrained("{name}")`',
+           "loads it offline."] if name in SHIPPED_LENSES else []),
         "",
         "## Model",
         "",
