@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
         plot_learning_curves(curves.record, out / "learning_curves.png")
         return
     train = data.train_sequences(10**9)
-    curves.record.update(held_out_tokens=held_out.tokens, train_tokens=int(train.numel()), eval_percent=cfg.data.eval_percent)
+    curves.record.update(held_out_tokens=held_out.tokens, train_tokens=int(train.numel()), eval_percent=cfg.data.eval_percent,
+                         model=cfg.model.name, corpus=cfg.data.dataset)
     if "base_forward_tokens_per_s" not in curves.record:
         curves.record["base_forward_tokens_per_s"] = base_forward_rate(model, train[:64], cfg.data.batch_size)
     arms = args.arms.split(",")

@@ -52,10 +52,8 @@ def model_card(meta: ArtifactMeta, evaluation: Mapping[str, Any], repo_id: str, 
     cf_tokens = lens.get("lstsq_sequences", 0) * data.get("seq_len", 0) if lens.get("init") == "lstsq" else 0
     kl_tokens = optim.get("num_steps", 0) * data.get("batch_size", 0) * data.get("seq_len", 0)
     positions = lens.get("positions_per_layer")
-    header = ["---", "library_name: lens", "tags: [tuned-lens, interpretability, logit-lens]"]
-    if model_licence:
-        header.append(f"license: {model_licence}")
-    header.append("---")
+    # the weights derive from both the model and the corpus: no single licence is claimed for them
+    header = ["---", "library_name: lens", "tags: [tuned-lens, interpretability, logit-lens]", "license: other", "---"]
     lines = [
         *header,
         "",
@@ -118,7 +116,8 @@ def model_card(meta: ArtifactMeta, evaluation: Mapping[str, Any], repo_id: str, 
         "",
         f"- Base model: {model_licence or 'see the base model card'}.",
         f"- Training corpus: {corpus_licence or 'see the corpus'}.",
-        "- The lens is a function of both; it is published under the base model's licence, with the corpus credited above.",
+        "- The lens weights are a function of both. This card claims no licence for them beyond what those two",
+        "  allow; a share-alike corpus licence may bind derived weights, so check both before redistributing.",
         "",
     ]
     return "\n".join(lines)

@@ -479,5 +479,7 @@ def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = 
         ax.legend(fontsize=8)
     axes[0].set_xscale("log")
     axes[1].set_xscale("log")
-    fig.suptitle(title or f"learning curves: held-out KL on {record.get('held_out_tokens', 0):,} tokens no arm trains on")
+    fig.suptitle(title or (
+        f"{record.get('model', 'model')}: tuned-lens learning curves, held-out KL on {record.get('held_out_tokens', 0):,} tokens "
+        f"of {record.get('corpus', 'corpus')} pages no arm trains on\nwall times as measured (other jobs shared the cores for some points: see docs/learning_curves.md)"))
     return save_figure(fig, path)
