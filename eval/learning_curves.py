@@ -54,14 +54,20 @@ ROOT = Path(__file__).resolve().parents[1]
 class HeldOut:
     """The held-out residuals ``[L+1, N, d]`` and next tokens ``[N]``, captured once for every point."""
 
-    def __init__(self, model, sequences: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, residuals: torch.Tensor, targets: torch.Tensor, unembed: Unembed) -> None:
+        self.residuals, self.targets, self.unembed = residuals, targets, unembed
+
+    @classmethod
+    def capture(cls, model, sequences: torch.Tensor, batch_size: int) -> "HeldOut":
         parts, targets = [], []
         for ids in tqdm(sequences.split(batch_size), desc="held-out residuals"):
             residuals, _ = capture_residuals(model, ids, logits=False)  # [L+1, b, T, d]
             parts.append(residuals[:, :, :-1].flatten(1, 2).float())  # the last position has no next token
             targets.append(next_token_targets(ids)[:, :-1].flatten())
-        self.residuals, self.targets = torch.cat(parts, 1), torch.cat(targets)
-        self.unembed = Unembed(model)
+        return cls(torch.cat(parts, 1), torch.cat(targets), Unembed(model))
+
+    def first(self, tokens: int) -> "HeldOut":
+        return HeldOut(self.residuals[:, :tokens], self.targets[:tokens], self.unembed)
 
     @property
     def tokens(self) -> int:
@@ -184,8 +190,7 @@ def published_arm(model, data, cfg: TrainConfig, curves: Curves, steps: int, rea
 def precision_check(held_out: HeldOut, lens: TunedLens, tokens: int) -> dict[str, Any]:
     """On the first ``tokens`` held-out tokens, float32 statistics: the lens as trained, and stored in bf16 /
     fp16 (what ``lens push storage=`` costs); and the bf16-input statistics the curves use (their error)."""
-    part = HeldOut.__new__(HeldOut)
-    part.residuals, part.targets, part.unembed = held_out.residuals[:, :tokens], held_out.targets[:tokens], held_out.unembed
+    part = held_out.first(tokens)
     out: dict[str, Any] = {"tokens": part.tokens}
     for name, dtype in (("float32", None), ("bfloat16", torch.bfloat16), ("float16", torch.float16)):
         stored = TunedLens(lens.n_layers, lens.d_model)
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(TrainConfig, args.config, [f"data.max_eval_sequences={args.eval_seqs}", "trainer.progress_bar=false",
                                                  "trainer.checkpoint_every_n_steps=0", "trainer.val_every_n_steps=1000000"])
     model, data = model_and_data(cfg)
-    held_out = HeldOut(model, data.val_sequences, cfg.data.batch_size)  # type: ignore[arg-type]
+    held_out = HeldOut.capture(model, data.val_sequences, cfg.data.batch_size)  # type: ignore[arg-type]
     if held_out.tokens < args.min_held_out:
         sys.exit(f"only {held_out.tokens} held-out tokens: raise --eval-seqs or data.eval_percent")
     if args.check_lens:

@@ -94,6 +94,8 @@ def between(low: float, high: float, high_open: bool = False) -> Limit:
     return Limit(lambda x: low <= x < high if high_open else low <= x <= high, f"must be in [{low:g}, {high:g}{')' if high_open else ']'}")
 
 
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A Hugging Face repository id, ``owner/name`` (``lens push``, ``load_pretrained``)."""
 SHIPPED_LENSES: dict[str, str] = {"smollm2-135m": "pretrained/smollm2-135m"}
 """Model name -> folder under the repository's ``checkpoints/`` of the lens that ships for it
 (``load_pretrained(name)``, ``lens: pretrained``)."""
@@ -878,7 +880,7 @@ class PushConfig(Checked):
         yield from super().problems()
         if self.run and not Path(self.run).expanduser().is_dir():
             yield "run", "no such folder (give the run folder of a trained lens, e.g. checkpoints/smollm2-135m)"
-        if self.repo_id and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", self.repo_id):
+        if self.repo_id and not HUB_REPO_ID.fullmatch(self.repo_id):
             yield "repo_id", "must be owner/name, e.g. my-user/smollm2-135m-tuned-lens"
 
 

@@ -4,18 +4,16 @@ project's layout: ``lens.safetensors``, ``config.json``, ``README.md`` card)."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from lens.artifacts.files import cache_dir, staged_folder
 from lens.artifacts.metadata import CONFIG, WEIGHTS, ArtifactNotFoundError
-from lens.config import SHIPPED_LENSES
+from lens.config import HUB_REPO_ID, SHIPPED_LENSES
 
 CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 """The repository's ``checkpoints/`` (present in a clone and an editable install, not in a wheel)."""
 HUB_FILES = (WEIGHTS["tuned_lens"], CONFIG)
 """What a published lens needs; the card, eval JSON and figure come along when present."""
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def shipped_folder(name: str) -> Path:
@@ -64,7 +62,7 @@ def pretrained_folder(name: str) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    if _REPO_ID.match(name) and not path.exists():
+    if HUB_REPO_ID.fullmatch(name) and not path.exists():
         return fetch_published(name)
     raise ArtifactNotFoundError(
         f"no pretrained lens {name!r}: give a shipped model name ({', '.join(sorted(SHIPPED_LENSES))}), "

@@ -5,10 +5,11 @@ config answer at once, and commands without training never import Lightning."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+from lens.runs.result import Done
 from lens.config import (
     EDIT_KINDS,
     STEER_KINDS,
@@ -30,17 +31,6 @@ class Outcome(Protocol):
     run_dir: Path
 
     def lines(self) -> list[str]: ...
-
-
-@dataclass
-class Done:
-    """The outcome of the small commands (convert, corpus)."""
-
-    run_dir: Path
-    summary: list[str] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        return self.summary
 
 
 def convert(cfg: ConvertConfig) -> Done:

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,19 +18,11 @@ from lens.artifacts.metadata import ArtifactError
 from lens.artifacts.registry import read_artifact, save_artifact
 from lens.config import PushConfig
 from lens.report.card import model_card
+from lens.runs.result import Done
 
 STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EVAL_FILES = ("eval.json", "eval.png")
 HUB_HOST = ("huggingface.co", 443)
-
-
-@dataclass
-class PushResult:
-    run_dir: Path
-    summary: list[str] = field(default_factory=list)
-
-    def lines(self) -> list[str]:
-        return self.summary
 
 
 def hub_folder(cfg: PushConfig) -> Path:
@@ -71,13 +63,13 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def push(cfg: PushConfig) -> PushResult:
+def push(cfg: PushConfig) -> Done:
     out = write_hub_folder(cfg)
     lines = [f"hub-ready folder {out}: {', '.join(sorted(p.name for p in out.iterdir()))}"]
     manual = f"upload it later with `huggingface-cli upload {cfg.repo_id} {out} .`"
     why = "upload=false" if not cfg.upload else hub_unreachable()
     if why is not None:
-        return PushResult(out, [*lines, f"not uploaded ({why}); {manual}"])
+        return Done(out, [*lines, f"not uploaded ({why}); {manual}"])
     from huggingface_hub import HfApi  # lazy: only uploads need it
 
     try:
@@ -86,5 +78,5 @@ def push(cfg: PushConfig) -> PushResult:
         commit = api.upload_folder(repo_id=cfg.repo_id, folder_path=str(out), commit_message="lens push")
     except Exception as err:  # no token, no rights, HTTP errors: the folder stays, with the way to finish
         first = str(err).splitlines()[0] if str(err) else ""
-        return PushResult(out, [*lines, f"upload failed ({type(err).__name__}: {first}); log in with `huggingface-cli login`, or {manual}"])
-    return PushResult(out, [*lines, f"uploaded: {getattr(commit, 'commit_url', commit)}"])
+        return Done(out, [*lines, f"upload failed ({type(err).__name__}: {first}); log in with `huggingface-cli login`, or {manual}"])
+    return Done(out, [*lines, f"uploaded: {getattr(commit, 'commit_url', commit)}"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -23,3 +23,14 @@ class Measured(Generic[M]):
 
     def lines(self) -> list[str]:
         return self.evaluation.lines()
+
+
+@dataclass
+class Done:
+    """The outcome of the small commands (convert, corpus, push): a folder and a few lines."""
+
+    run_dir: Path
+    summary: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        return self.summary
