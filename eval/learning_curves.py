@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from bench_train import PublishedTunedLens, cycle, published_step
 from lens.analysis.layers import LayerSums, mean_over_lens_layers
-from lens.artifacts.files import write_json
+from lens.artifacts.files import write_bytes, write_json
 from lens.artifacts.registry import load_lens, save_lens
 from lens.config import TrainConfig, load_config, to_dict
 from lens.core.arch import get_final_norm, get_unembed
@@ -46,6 +46,8 @@ from lens.report.plots import plot_learning_curves
 from lens.training.datamodule import model_and_data
 from lens.training.lens_run import make_trainer
 from lens.training.module import TunedLensModule
+from safetensors import safe_open
+from safetensors.torch import save
 from transformers import get_linear_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,8 +170,9 @@ def default_arm(model, data, cfg: TrainConfig, curves: Curves, budgets: list[tup
         clock.pause(lambda: save_lens(lens, out / "lenses" / label, model, to_dict(step_cfg)))
 
 
-def published_arm(model, data, cfg: TrainConfig, curves: Curves, steps: int, read_at: list[int]) -> None:
-    """The published recipe for ``steps`` steps at the default batch, read at ``read_at`` steps."""
+def published_arm(model, data, cfg: TrainConfig, curves: Curves, steps: int, read_at: list[int], out: Path) -> None:
+    """The published recipe for ``steps`` steps at the default batch, read at ``read_at`` steps. After each
+    read the run's state is saved (``published_state.safetensors``), so a stopped run resumes from there."""
     if all(curves.done("published", f"step{s}") for s in read_at):
         return
     torch.manual_seed(cfg.seed)
@@ -177,14 +180,51 @@ def published_arm(model, data, cfg: TrainConfig, curves: Curves, steps: int, rea
     lens = PublishedTunedLens(model.config.num_hidden_layers, model.config.hidden_size)
     opt = torch.optim.SGD(lens.parameters(), lr=1.0 * (1 - 0.9), momentum=0.9, nesterov=True, weight_decay=1e-3)
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
-    batches, clock = cycle(data.train_dataloader()), Clock()
+    batches, clock, state = cycle(data.train_dataloader()), Clock(), out / "published_state.safetensors"
+    start = resume_published(state, steps, lens, opt, sched, clock)
+    for _ in range(start):  # the same shuffled order as the stopped run: skip the batches it used
+        next(batches)
     if not curves.done("published", "step0"):
-        curves.add("published", "step0", logit_lens_for(model), 0, clock, kl_steps=0)
-    for step in tqdm(range(1, steps + 1), desc="published recipe"):
+        curves.add("published", "step0", logit_lens_for(model), 0, clock, kl_steps=0, schedule_steps=steps)
+    for step in tqdm(range(start + 1, steps + 1), desc="published recipe", initial=start, total=steps):
         published_step(model, lens, norm, unembed, next(batches)[0], opt, sched)
         if step in read_at:
             tokens = step * cfg.data.batch_size * cfg.data.seq_len
-            curves.add("published", f"step{step}", lens.as_tuned_lens(), tokens, clock, kl_steps=step)
+            curves.add("published", f"step{step}", lens.as_tuned_lens(), tokens, clock, kl_steps=step, schedule_steps=steps)
+            clock.pause(lambda: save_published(state, steps, step, lens, opt, clock))
+
+
+def save_published(path: Path, steps: int, step: int, lens: PublishedTunedLens, opt: torch.optim.Optimizer, clock: Clock) -> None:
+    """Lens weights and SGD momentum as tensors; step, schedule length, clock and learning rate as metadata."""
+    params = list(lens.parameters())
+    tensors = {**{f"lens.{k}": v for k, v in lens.state_dict().items()},
+               **{f"momentum.{i}": opt.state[p]["momentum_buffer"] for i, p in enumerate(params)}}
+    wall, cpu = clock.read()
+    meta = {"steps": steps, "step": step, "wall_s": wall, "cpu_s": cpu, "lr": opt.param_groups[0]["lr"]}
+    write_bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata={k: str(v) for k, v in meta.items()}), path)
+
+
+def resume_published(path: Path, steps: int, lens: PublishedTunedLens, opt: torch.optim.Optimizer, sched, clock: Clock) -> int:
+    """Restore a saved run of the same schedule length into ``lens``/``opt``/``sched``/``clock``; the step
+    it stopped at (0 when there is none to resume)."""
+    if not path.exists():
+        return 0
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if int(meta["steps"]) != steps:
+        print(f"{path} is a {meta['steps']}-step run, not {steps}: starting over")
+        return 0
+    lens.load_state_dict({k.removeprefix("lens."): v for k, v in tensors.items() if k.startswith("lens.")})
+    for i, p in enumerate(lens.parameters()):
+        opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"]
+    step = int(meta["step"])
+    sched.last_epoch = step  # the next sched.step() gives the learning rate of step + 1
+    for group in opt.param_groups:
+        group["lr"] = float(meta["lr"])
+    clock.wall -= float(meta["wall_s"])
+    clock.cpu -= float(meta["cpu_s"])
+    print(f"resuming the published arm at step {step} of {steps}")
+    return step
 
 
 def precision_check(held_out: HeldOut, lens: TunedLens, tokens: int) -> dict[str, Any]:
@@ -244,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-seqs", type=int, default=240, help="held-out sequences (240 x 127 scored = 30,480 tokens)")
     p.add_argument("--cf-seqs", default="64,256,512,1024,1408", help="closed-form arm: sequence counts")
     p.add_argument("--default-budgets", default="64:20,256:80,1408:80,1408:320", help="default arm: cf_seqs:kl_steps")
-    p.add_argument("--published-steps", type=int, default=32)
-    p.add_argument("--published-reads", default="8,32")
+    p.add_argument("--published-steps", type=int, default=128, help="the published run's steps (its schedule's length)")
+    p.add_argument("--published-reads", default="8,32,128")
     p.add_argument("--arms", default="closed_form,default,published")
     p.add_argument("--min-held-out", type=int, default=30_000, help="refuse fewer held-out tokens (0 for a smoke run)")
     p.add_argument("--check-lens", help="instead of curves: storage-dtype and bf16-statistics error of this lens folder")
@@ -288,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         default_arm(model, data, cfg, curves, budgets, out)  # type: ignore[arg-type]
     if "published" in arms:
         reads = [int(s) for s in args.published_reads.split(",")]
-        published_arm(model, data, cfg, curves, args.published_steps, reads)
+        published_arm(model, data, cfg, curves, args.published_steps, reads, out)
     write_json(curves.record, curves.path)
     plot_learning_curves(curves.record, out / "learning_curves.png")
     print(f"wrote {curves.path} and {out / 'learning_curves.png'}")

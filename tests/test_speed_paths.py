@@ -228,6 +228,37 @@ def test_layer_stats_match_the_per_token_statistics(tiny_model, unembed_bias):
         torch.testing.assert_close(rough[name].mean(-1), slow[name].mean(-1), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_stats_match_float64(dtype):
+    """The compiled two-pass row statistics against float64 log-softmax, on logits spread wide
+    enough (up to ~±300) that an entropy taken as ``lse - E_q[z]`` unshifted would lose digits."""
+    from lens.core.metrics import row_stats
+
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(37, 5003, generator=g) * torch.logspace(-1, 2, 37)[:, None]).to(dtype)
+    target = torch.randint(0, 5003, (37, 1), generator=g)
+    lse, target_logit, entropy = row_stats(z, target)
+    log_q = z.double().log_softmax(-1)
+    torch.testing.assert_close(lse - target_logit, -log_q.gather(-1, target)[:, 0].float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(entropy, -(log_q.exp() * log_q).sum(-1).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(z.double(), -1).float(), rtol=1e-6, atol=1e-4)
+
+
+def test_row_stats_run_uncompiled_where_compiling_fails(monkeypatch):
+    from lens.core import metrics
+
+    def broken(z, target):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(metrics, "_compiled_row_stats", broken)
+    z, target = torch.randn(4, 50), torch.zeros(4, 1, dtype=torch.long)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*uncompiled"):
+        got = metrics.row_stats(z, target)
+    assert metrics._compiled_row_stats is metrics._row_stats  # warned once, then eager for the process
+    for a, b in zip(got, metrics._row_stats(z, target)):
+        assert torch.equal(a, b)
+
+
 def test_residuals_at_kept_positions_are_those_of_the_full_pass(tiny_model):
     ids = torch.randint(0, tiny_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(6))
     full, _ = capture_residuals(tiny_model, ids)
