@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lens", default="smollm2-135m", help="pretrained lens name or folder (load_pretrained)")
     p.add_argument("--out", default=str(ROOT / "eval" / "out" / "bench_eval.json"))
+    p.add_argument("--profile", action="store_true", help="then run ours once more under torch.profiler and print its op table")
     args = p.parse_args(argv)
     cfg = load_config(TrainConfig, ROOT / "configs" / "default.yaml", [f"data.max_eval_sequences={args.sequences}"])
     model, data = model_and_data(cfg)
@@ -157,6 +158,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {r['wall_s']:.1f} ({r['cpu_s']:.1f}) | {r['tokens_per_s']:.0f} | {e['ce']:.1e} / {e['entropy']:.1e} / {e['kl']:.1e} |")
     print(f"speedup vs published: ours {report['speedup_ours']:.2f}x, ours bf16 {report['speedup_ours_bf16']:.2f}x "
           f"(compiling first: {compile_s:.1f} s, once); wrote {args.out}")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ours(model, lenses, sequences, args.batch)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Learning curves on the embedded default: held-out KL per layer against training tokens seen.
 
-``python eval/learning_curves.py`` (about 70 minutes on an idle 2-core CPU; resumable: finished
-points are kept in the JSON and skipped on the next run). Three arms, one fixed held-out set:
+``python eval/learning_curves.py`` (about 80 minutes on an idle 2-core CPU; resumable: finished
+points are kept in the JSON and skipped on the next run, and the published run restarts from its
+last read). Three arms, one fixed held-out set:
 
 - ``published``: the tuned-lens recipe (zero init, every position, full-vocabulary KL, SGD
   Nesterov, linear decay), re-implemented in ``bench_train.py``; one run whose learning rate
-  decays over its last step, read at intermediate steps.
+  decays to 0 at its last step, read at intermediate steps.
 - ``default``: this project's path: the closed-form start on the first ``n`` training tokens,
   then KL fine-tuning with ``positions_per_layer`` (``configs/default.yaml`` is the first point).
   Each point is its own run, with its own schedule.
