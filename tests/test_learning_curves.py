@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ def tiny_arm(tmp_path: Path, name: str):
     ids = torch.randint(0, model.config.vocab_size, (24, 16))
     data = SimpleNamespace(train_dataloader=lambda: DataLoader(TensorDataset(ids), batch_size=2, shuffle=True))
     cfg = TrainConfig()
-    cfg = TrainConfig(data=type(cfg.data)(**{**vars(cfg.data), "batch_size": 2, "seq_len": 16}))
+    cfg = replace(cfg, data=replace(cfg.data, batch_size=2, seq_len=16))
     out = tmp_path / name
     out.mkdir()
     curves = lc.Curves(out, lc.HeldOut.capture(model, ids[:4], 2))
