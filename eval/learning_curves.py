@@ -294,6 +294,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--add-run", help="instead of curves: add this finished lens train run as a default-arm point")
     p.add_argument("--table", action="store_true", help="print the recorded points as a markdown table and stop")
     args = p.parse_args(argv)
+    reads = [int(s) for s in args.published_reads.split(",") if s.strip().isdigit()]
+    if len(reads) != len(args.published_reads.split(",")) or not all(1 <= r <= args.published_steps for r in reads):
+        p.error(f"--published-reads {args.published_reads!r}: give comma-separated steps between 1 and "
+                f"--published-steps ({args.published_steps}), e.g. 8,32,{args.published_steps}")
     out = Path(args.out)
     if args.table:
         print(table(json.loads((out / "curves.json").read_text())))
@@ -328,7 +332,6 @@ def main(argv: list[str] | None = None) -> None:
     if "default" in arms:
         default_arm(model, data, cfg, curves, budgets, out)  # type: ignore[arg-type]
     if "published" in arms:
-        reads = [int(s) for s in args.published_reads.split(",")]
         published_arm(model, data, cfg, curves, args.published_steps, reads, out)
     write_json(curves.record, curves.path)
     plot_learning_curves(curves.record, out / "learning_curves.png")

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -55,3 +56,10 @@ def test_published_arm_resumes_to_the_same_lens(tmp_path):
     lc.published_arm(model, data, cfg, restarted, 8, [3], out)  # another schedule length: not resumed
     assert restarted.done("published", "step3")  # re-read: a resumed run would start after step 3
     assert next(p for p in restarted.record["points"] if p["label"] == "step3")["schedule_steps"] == 8
+
+
+def test_published_reads_outside_the_run_are_refused_before_a_model_loads(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lc.main(["--published-steps", "128", "--published-reads", "8,300"])
+    assert exit_info.value.code == 2
+    assert "--published-reads '8,300'" in capsys.readouterr().err
