@@ -150,12 +150,18 @@ def closed_form_arm(model, train: torch.Tensor, cfg: TrainConfig, curves: Curves
             curves.add("closed_form", labels[seen], lens, seen * cfg.data.seq_len, clock, cf_sequences=seen)
 
 
+def default_arm_name(weight_decay: float) -> str:
+    """Default-path points trained with weight decay form their own curve: decay erodes the closed-form start."""
+    return "default" if weight_decay == 0 else f"default_wd{weight_decay:g}"
+
+
 def default_arm(model, data, cfg: TrainConfig, curves: Curves, budgets: list[tuple[int, int]], out: Path) -> None:
     """The default path at growing budgets: (closed-form sequences, KL steps), each its own run."""
+    arm = default_arm_name(cfg.optim.weight_decay)
     cf_time = {p["label"]: (p["wall_s"], p["cpu_s"]) for p in curves.record["points"] if p["arm"] == "closed_form"}
     for cf_seqs, steps in budgets:
         label = f"cf{cf_seqs}+kl{steps}"
-        if curves.done("default", label):
+        if curves.done(arm, label):
             continue
         lens = load_lens(out / "lenses" / f"cf{cf_seqs}", model=model)
         clock = Clock()
@@ -167,8 +173,8 @@ def default_arm(model, data, cfg: TrainConfig, curves: Curves, budgets: list[tup
         clock.wall -= cf_wall  # the closed form this run started from is part of its cost
         clock.cpu -= cf_cpu
         tokens = (cf_seqs + steps * cfg.data.batch_size) * cfg.data.seq_len
-        curves.add("default", label, lens.cpu(), tokens, clock, cf_sequences=cf_seqs, kl_steps=steps)
-        clock.pause(lambda: save_lens(lens, out / "lenses" / label, model, to_dict(step_cfg)))
+        curves.add(arm, label, lens.cpu(), tokens, clock, cf_sequences=cf_seqs, kl_steps=steps, weight_decay=cfg.optim.weight_decay)
+        clock.pause(lambda: save_lens(lens, out / "lenses" / f"{arm}_{label}", model, to_dict(step_cfg)))
 
 
 def published_arm(model, data, cfg: TrainConfig, curves: Curves, steps: int, read_at: list[int], out: Path) -> None:
@@ -252,13 +258,15 @@ def add_run(curves: Curves, run: Path, model) -> None:
     train, seconds = meta["train_config"], meta["details"]["train_seconds"]
     cf, steps = train["lens"]["lstsq_sequences"], train["optim"]["num_steps"]
     tokens = (cf + steps * train["data"]["batch_size"]) * train["data"]["seq_len"]
-    curves.add("default", f"cf{cf}+kl{steps}", lens, tokens, (seconds, None), cf_sequences=cf, kl_steps=steps, run=str(run))
+    wd = train["optim"]["weight_decay"]
+    curves.add(default_arm_name(wd), f"cf{cf}+kl{steps}", lens, tokens, (seconds, None), cf_sequences=cf, kl_steps=steps,
+               weight_decay=wd, run=str(run))
 
 
 def table(record: dict[str, Any]) -> str:
     """The points as a markdown table, with each point's mean-KL change per doubling of tokens since the previous one."""
     rows = ["| arm | point | tokens seen | train wall s (CPU s) | mean KL | mean CE | KL change per doubling |", "|---|---|---:|---:|---:|---:|---:|"]
-    for arm in ("closed_form", "default", "published"):
+    for arm in ("closed_form", "default", default_arm_name(1e-3), "published"):
         points = sorted((p for p in record["points"] if p["arm"] == arm), key=lambda p: (p["tokens"], p["wall_s"]))
         for prev, p in zip([None, *points], points):
             change = ""
@@ -267,6 +275,55 @@ def table(record: dict[str, Any]) -> str:
                 change = f"{100 * ((p['mean_kl'] / prev['mean_kl']) ** (1 / doublings) - 1):+.1f}%"
             rows.append(f"| {arm} | {p['label']} | {p['tokens']:,} | {p['wall_s']:.0f} ({'-' if p['cpu_s'] is None else round(p['cpu_s'])}) | {p['mean_kl']:.4f} | {p['mean_ce']:.4f} | {change} |")
     return "\n".join(rows)
+
+
+def power_law_fit(steps: list[int], kl: list[float]) -> tuple[float, float, float]:
+    """Least-squares ``kl = floor + scale * steps**-alpha``: ``alpha`` on a grid, ``floor`` and ``scale`` linear.
+
+    Returns ``(floor, scale, alpha)``. The floor is the converged KL this budget family tends to; with few
+    points it is poorly pinned, hence the leave-one-out range in ``converged_estimate``."""
+    s, k = torch.tensor(steps, dtype=torch.float64), torch.tensor(kl, dtype=torch.float64)
+    best: tuple[float, float, float, float] | None = None
+    for alpha in torch.linspace(0.02, 3.0, 150, dtype=torch.float64):
+        x = torch.stack([torch.ones_like(s), s ** -alpha], 1)  # [P, 2]
+        floor, scale = torch.linalg.lstsq(x, k[:, None]).solution[:, 0].tolist()
+        if scale <= 0:
+            continue  # a curve that rises with steps is not a learning curve
+        err = float(((x @ torch.tensor([floor, scale], dtype=torch.float64) - k) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, floor, scale, float(alpha))
+    if best is None:
+        raise ValueError(f"no falling power law fits KL {kl} at steps {steps}")
+    return best[1], best[2], best[3]
+
+
+def converged_estimate(record: dict[str, Any], arm: str = "default") -> dict[str, Any] | None:
+    """A default arm's converged mean KL, extrapolated over its KL-step budgets from the full closed form.
+
+    None with fewer than four budgets (three parameters need a fourth point to be checked against)."""
+    cf = max((p["cf_sequences"] for p in record["points"] if p["arm"] == arm), default=None)
+    points = sorted((p["kl_steps"], p["mean_kl"]) for p in record["points"]
+                    if p["arm"] == arm and p["cf_sequences"] == cf and p["kl_steps"] > 0)
+    if len(points) < 4:
+        return None
+    steps, kl = [s for s, _ in points], [k for _, k in points]
+    rises = [s for s, before, after in zip(steps[1:], kl, kl[1:]) if after > before]
+    if rises:  # a curve that turns up has a best budget, not an asymptote to extrapolate to
+        return {"arm": arm, "cf_sequences": cf, "kl_steps": steps, "rises_at": rises[0], "best": min(points, key=lambda q: q[1])}
+    floor, scale, alpha = power_law_fit(steps, kl)
+    leave_one_out = [power_law_fit(steps[:i] + steps[i + 1:], kl[:i] + kl[i + 1:])[0] for i in range(len(steps))] if len(steps) > 4 else []
+    return {"arm": arm, "cf_sequences": cf, "kl_steps": steps, "floor": floor, "scale": scale, "alpha": alpha,
+            "floor_range": [min(leave_one_out), max(leave_one_out)] if leave_one_out else None}
+
+
+def describe_estimate(est: dict[str, Any]) -> str:
+    if "rises_at" in est:
+        return (f"{est['arm']} arm (cf{est['cf_sequences']}, KL steps {est['kl_steps']}): held-out KL rises at "
+                f"{est['rises_at']} steps; best {est['best'][1]:.4f} nats at {est['best'][0]} steps, no extrapolation")
+    spread = ("leave-one-out range {:.3f}-{:.3f}".format(*est["floor_range"]) if est["floor_range"]
+              else "4 points: no leave-one-out range")
+    return (f"{est['arm']} arm (cf{est['cf_sequences']}, KL steps {est['kl_steps']}): mean KL ~ {est['floor']:.3f} + "
+            f"{est['scale']:.3f} * steps^-{est['alpha']:.2f}; converged estimate {est['floor']:.3f} nats ({spread})")
 
 
 def base_forward_rate(model, sequences: torch.Tensor, batch: int) -> float:
@@ -300,7 +357,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"--published-steps ({args.published_steps}), e.g. 8,32,{args.published_steps}")
     out = Path(args.out)
     if args.table:
-        print(table(json.loads((out / "curves.json").read_text())))
+        if not (out / "curves.json").is_file():
+            p.error(f"--table: {out / 'curves.json'} does not exist; run the curves first or pass --out to a folder holding one")
+        record = json.loads((out / "curves.json").read_text())
+        print(table(record))
+        for arm in ("default", default_arm_name(1e-3)):
+            est = converged_estimate(record, arm)
+            print("\n" + (describe_estimate(est) if est else f"{arm}: fewer than 4 budgets from the full closed form, no converged estimate"))
         return
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(TrainConfig, args.config, [f"data.max_eval_sequences={args.eval_seqs}", "trainer.progress_bar=false",

@@ -1,4 +1,4 @@
-"""eval/learning_curves.py's published arm: a run stopped after a read resumes to the same lens."""
+"""eval/learning_curves.py: the published arm resumes to the same lens; the converged-KL extrapolation."""
 
 from __future__ import annotations
 
@@ -63,3 +63,28 @@ def test_published_reads_outside_the_run_are_refused_before_a_model_loads(capsys
         lc.main(["--published-steps", "128", "--published-reads", "8,300"])
     assert exit_info.value.code == 2
     assert "--published-reads '8,300'" in capsys.readouterr().err
+
+
+def test_power_law_fit_recovers_the_floor_of_a_known_curve():
+    steps = [80, 160, 320, 640, 1280, 2560]
+    kl = [1.25 + 0.9 * s ** -0.4 for s in steps]
+    floor, scale, alpha = lc.power_law_fit(steps, kl)
+    assert floor == pytest.approx(1.25, abs=0.01) and alpha == pytest.approx(0.4, abs=0.03)
+    assert scale == pytest.approx(0.9, rel=0.1)
+
+
+def test_converged_estimate_uses_the_full_closed_form_budgets_only():
+    def point(cf: int, steps: int, kl: float) -> dict:
+        return {"arm": "default", "cf_sequences": cf, "kl_steps": steps, "mean_kl": kl}
+
+    curve = [point(1408, s, 1.2 + 2.0 * s ** -0.5) for s in (80, 320, 640, 1280, 2560)]
+    other = [point(64, 20, 9.0), point(256, 80, 7.0), {"arm": "published", "kl_steps": 128, "mean_kl": 3.0}]
+    est = lc.converged_estimate({"points": other + curve})
+    assert est["kl_steps"] == [80, 320, 640, 1280, 2560]
+    assert est["floor"] == pytest.approx(1.2, abs=0.01)
+    lo, hi = est["floor_range"]
+    assert lo <= est["floor"] + 1e-9 and hi >= est["floor"] - 1e-9 and hi - lo < 0.05
+    assert lc.converged_estimate({"points": other + curve[:3]}) is None  # 3 points cannot check a 3-parameter fit
+    assert lc.converged_estimate({"points": other + curve[:4]})["floor_range"] is None
+    turned = lc.converged_estimate({"points": curve[:4] + [point(1408, 2560, 1.5)]})
+    assert turned["rises_at"] == 2560 and turned["best"] == (1280, curve[3]["mean_kl"]) and "floor" not in turned

@@ -103,3 +103,21 @@ def test_training_beats_logit_lens_on_held_out(tiny_run, tmp_path):
 def test_closed_form_start_beats_logit_lens_without_steps(tiny_run):
     results = train(tiny_run("run_name=lstsq", "lens.init=lstsq", "optim.num_steps=0", "lens.lstsq_sequences=16")).evaluation
     assert results.lenses["tuned"].mean_kl < 0.8 * results.lenses["logit"].mean_kl
+
+
+def test_default_optimizer_keeps_a_closed_form_start_where_the_kl_gradient_is_zero():
+    """Weight decay would pull a closed-form fit toward zero on every step (docs/learning_curves.md): the default has none."""
+    from lens.config import OptimConfig
+    from lens.training.module import make_optimizer
+
+    def after_steps(optim: OptimConfig) -> torch.Tensor:
+        fit = torch.nn.Parameter(torch.full((4, 4), 3.0))
+        opt = make_optimizer([fit], optim)
+        for _ in range(10):
+            fit.grad = torch.zeros_like(fit)  # the KL is at its optimum here
+            opt.step()
+        return fit.detach()
+
+    assert torch.equal(after_steps(OptimConfig()), torch.full((4, 4), 3.0))
+    decayed = after_steps(OptimConfig(weight_decay=1e-3))  # the published recipe's value
+    assert (decayed < 3.0).all()

@@ -86,8 +86,8 @@ def model_card(meta: ArtifactMeta, evaluation: Mapping[str, Any], repo_id: str, 
         "  of the document index) and never trained on.",
         f"- **Recipe**: {lens_recipe(train) or 'see config.json'}: a closed-form ridge regression of the final residual on each",
         f"  layer's residual over {cf_tokens:,} tokens, then {optim.get('num_steps', 0)} KL steps "
-        f"(SGD Nesterov, lr {optim.get('lr_scale', '?')} × (1 − {optim.get('momentum', '?')}), linear decay, gradient clip "
-        f"{optim.get('grad_clip', '?')}) on batches of {data.get('batch_size', '?')} × {data.get('seq_len', '?')} tokens"
+        f"(SGD Nesterov, lr {optim.get('lr_scale', '?')} × (1 − {optim.get('momentum', '?')}), weight decay "
+        f"{optim.get('weight_decay', '?')}, linear decay, gradient clip {optim.get('grad_clip', '?')}) on batches of {data.get('batch_size', '?')} × {data.get('seq_len', '?')} tokens"
         + (f", the KL taken at {positions} random positions per batch." if positions else ", the KL at every position."),
         f"- **Tokens read**: {cf_tokens + kl_tokens:,} ({cf_tokens:,} closed form + {kl_tokens:,} in KL steps).",
         "- **Reproduce**: `lens train --config train_config.yaml` (the configuration as run, in this folder) writes the",

@@ -449,6 +449,7 @@ def plot_direction_lens(readings: list[LensFlip], labels: list[str], path: str |
 ARM_LABELS = {
     "published": "published recipe (zero init, all positions)",
     "default": "ours (closed form + KL, 64 positions/step)",
+    "default_wd0.001": "ours with weight decay 1e-3 (the old default)",
     "closed_form": "closed form alone",
 }
 
