@@ -263,10 +263,15 @@ def add_run(curves: Curves, run: Path, model) -> None:
                weight_decay=wd, run=str(run))
 
 
+def default_arms(record: dict[str, Any]) -> list[str]:
+    """The recorded default-path arms, one per weight decay (``default_arm_name``), the undecayed first."""
+    return sorted({p["arm"] for p in record["points"] if p["arm"].startswith("default")}, key=lambda a: (a != "default", a))
+
+
 def table(record: dict[str, Any]) -> str:
     """The points as a markdown table, with each point's mean-KL change per doubling of tokens since the previous one."""
     rows = ["| arm | point | tokens seen | train wall s (CPU s) | mean KL | mean CE | KL change per doubling |", "|---|---|---:|---:|---:|---:|---:|"]
-    for arm in ("closed_form", "default", default_arm_name(1e-3), "published"):
+    for arm in ("closed_form", *default_arms(record), "published"):
         points = sorted((p for p in record["points"] if p["arm"] == arm), key=lambda p: (p["tokens"], p["wall_s"]))
         for prev, p in zip([None, *points], points):
             change = ""
@@ -361,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--table: {out / 'curves.json'} does not exist; run the curves first or pass --out to a folder holding one")
         record = json.loads((out / "curves.json").read_text())
         print(table(record))
-        for arm in ("default", default_arm_name(1e-3)):
+        for arm in default_arms(record):
             est = converged_estimate(record, arm)
             print("\n" + (describe_estimate(est) if est else f"{arm}: fewer than 4 budgets from the full closed form, no converged estimate"))
         return

@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from conftest import make_model
-from lens.config import ConfigError, TrainConfig, load_config
+from lens.config import ConfigError, OptimConfig, TrainConfig, load_config
 from lens.artifacts.registry import load_lens, save_lens
 from lens.core.translators import logit_lens_for
 from lens.core.metrics import Reading, lens_token_stats
 from lens.core.residuals import capture_residuals
 from lens.training.lens_run import train
+from lens.training.module import make_optimizer
 from lens.core.translators import TunedLens, Unembed
 
 
@@ -107,9 +108,6 @@ def test_closed_form_start_beats_logit_lens_without_steps(tiny_run):
 
 def test_default_optimizer_keeps_a_closed_form_start_where_the_kl_gradient_is_zero():
     """Weight decay would pull a closed-form fit toward zero on every step (docs/learning_curves.md): the default has none."""
-    from lens.config import OptimConfig
-    from lens.training.module import make_optimizer
-
     def after_steps(optim: OptimConfig) -> torch.Tensor:
         fit = torch.nn.Parameter(torch.full((4, 4), 3.0))
         opt = make_optimizer([fit], optim)

@@ -458,12 +458,14 @@ def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = 
     """Mean held-out KL against training tokens seen and against training wall time, one line per arm,
     and each arm's per-layer KL at its last point (``eval/learning_curves.py``'s record)."""
     fig, axes = panels_figure(1, 3, figsize=(16, 4.6))
-    arms = {arm: sorted((p for p in record["points"] if p["arm"] == arm), key=lambda p: (p["tokens"], p["wall_s"])) for arm in ARM_LABELS}
+    recorded = {p["arm"] for p in record["points"]}
+    arms = {arm: sorted((p for p in record["points"] if p["arm"] == arm), key=lambda p: (p["tokens"], p["wall_s"]))
+            for arm in [*ARM_LABELS, *sorted(recorded - ARM_LABELS.keys())]}  # an arm without a label still gets its line
     for arm, points in arms.items():
         trained = [p for p in points if p["tokens"] > 0]
         if not trained:
             continue
-        label = ARM_LABELS[arm]
+        label = ARM_LABELS.get(arm, arm)
         line = axes[0].plot([p["tokens"] for p in trained], [p["mean_kl"] for p in trained], marker="o", label=label)[0]
         axes[1].plot([p["wall_s"] for p in trained], [p["mean_kl"] for p in trained], marker="o", color=line.get_color(), label=label)
         last = trained[-1]
