@@ -88,3 +88,19 @@ def test_converged_estimate_uses_the_full_closed_form_budgets_only():
     assert lc.converged_estimate({"points": other + curve[:4]})["floor_range"] is None
     turned = lc.converged_estimate({"points": curve[:4] + [point(1408, 2560, 1.5)]})
     assert turned["rises_at"] == 2560 and turned["best"] == (1280, curve[3]["mean_kl"]) and "floor" not in turned
+
+
+def test_points_record_their_scoring_precision_and_the_table_marks_float32(tmp_path):
+    model, _, _, curves, out = tiny_arm(tmp_path, "precision")
+    lens = lc.TunedLens.for_model(model)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05)
+    curves.add("closed_form", "bf16", lens, 10, (1.0, None))
+    exact = lc.Curves(out, curves.held_out, "float32")
+    exact.add("closed_form", "f32", lens, 20, (2.0, None))
+    points = {p["label"]: p for p in exact.record["points"]}
+    assert points["bf16"]["score_dtype"] == "bfloat16" and points["f32"]["score_dtype"] == "float32"
+    assert points["f32"]["kl"] == curves.held_out.score(lens, matmul_dtype=None)["kl"]
+    assert points["f32"]["kl"] != points["bf16"]["kl"]  # the precision is not a label only
+    rows = lc.table(exact.record).splitlines()
+    assert "| f32 † |" in rows[3] and "| bf16 |" in rows[2] and rows[-1].startswith("† scored with float32")
