@@ -361,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-tokens", type=int, default=8128, help="held-out tokens for --check-lens")
     p.add_argument("--add-run", help="instead of curves: add this finished lens train run as a default-arm point")
     p.add_argument("--score-dtype", choices=list(SCORE_DTYPES), default="bfloat16",
-                   help="matmul inputs of the held-out scoring (recorded per point; float32 on CPUs without native bf16)")
+                   help="matmul inputs when scoring curve points and --add-run (recorded per point; float32 on CPUs without native "
+                        "bf16); --check-lens always measures both")
     p.add_argument("--table", action="store_true", help="print the recorded points as a markdown table and stop")
     args = p.parse_args(argv)
     reads = [int(s) for s in args.published_reads.split(",") if s.strip().isdigit()]
