@@ -3,6 +3,7 @@ lens an uninterrupted run makes; checkpoints hold translators only and are never
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -112,6 +113,32 @@ def test_a_run_stopped_at_any_step_resumes_to_the_bit_identical_lens(inputs, tmp
     assert_same_lens(train_in_process([*args, "resume=true"]), uninterrupted, atol=0)
 
 
+def test_a_resumed_run_records_the_time_of_every_segment(inputs, tmp_path, monkeypatch):
+    """``train_seconds`` (the learning curves' time axis) counts the segments before the resume too."""
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def save_then_crash(self, checkpoint, path, storage_options=None):
+        save(self, checkpoint, path, storage_options)
+        if checkpoint["global_step"] == 2:
+            raise Crash
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save_then_crash)
+    args = overrides(inputs, tmp_path, "clocked", "optim.num_steps=4", "trainer.checkpoint_every_n_steps=2")
+    with pytest.raises(Crash):
+        train_in_process(args)
+    monkeypatch.undo()
+    ckpt_path = last_checkpoint(config(args).run_dir)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    assert 0 < ckpt["callbacks"]["RunClock"]["seconds"] < 120
+    ckpt["callbacks"]["RunClock"]["seconds"] = 1000.0  # as if the first segment had taken 1000 s
+    torch.save(ckpt, ckpt_path)
+    started = time.perf_counter()
+    train(config([*args, "resume=true"]))
+    second = time.perf_counter() - started
+    recorded = json.loads((config(args).run_dir / "config.json").read_text())["details"]["train_seconds"]
+    assert 1000.0 < recorded < 1000.0 + second
+
+
 def test_checkpoint_holds_translators_not_the_base_model(inputs, tmp_path):
     args = overrides(inputs, tmp_path, "small", "optim.num_steps=2")
     train_in_process(args)
@@ -119,7 +146,7 @@ def test_checkpoint_holds_translators_not_the_base_model(inputs, tmp_path):
     assert set(ckpt["state_dict"]) == {"trainable.weight", "trainable.bias"}
     assert ckpt["optimizer_states"] and ckpt["lr_schedulers"]
     assert ckpt["LensDataModule"] == {"batches_done": 2}
-    assert {"RngState", "ResumeGuard"} <= set(ckpt["callbacks"])
+    assert {"RngState", "ResumeGuard", "RunClock"} <= set(ckpt["callbacks"])
     base_model, _ = load_model(str(inputs / "model"))
     base_bytes = sum(p.numel() * p.element_size() for p in base_model.parameters())
     assert last_checkpoint(config(args).run_dir).stat().st_size < base_bytes / 4

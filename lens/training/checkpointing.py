@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +128,22 @@ class ResumeGuard(Callback):
         if changed:
             detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {self.settings.get(k)!r}" for k in changed)
             raise ValueError(f"cannot resume: the checkpoint was written under other settings ({detail})")
+
+
+class RunClock(Callback):
+    """Wall seconds of the whole run, carried in each checkpoint, so a run resumed (perhaps more than
+    once) reports every segment up to its last checkpoint plus the one that finished it, not just the
+    last. The time a killed segment spent past its last checkpoint is redone, and counted once."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.before = 0.0  # seconds of the earlier segments, up to the checkpoint this one resumed from
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = state_dict["seconds"]

@@ -25,6 +25,7 @@ from lens.training.checkpointing import (
     AtomicCheckpointIO,
     ResumeGuard,
     RngState,
+    RunClock,
     last_checkpoint,
     periodic_checkpoint,
 )
@@ -72,9 +73,10 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def make_trainer(cfg: TrainConfig, run_dir: Path) -> L.Trainer:
+def make_trainer(cfg: TrainConfig, run_dir: Path, clock: RunClock | None = None) -> L.Trainer:
+    """The run's Lightning trainer; ``clock`` (the run's) rides in its checkpoints."""
     t = cfg.trainer
-    callbacks: list[L.Callback] = [RngState(), ResumeGuard(resume_settings(cfg))]
+    callbacks: list[L.Callback] = [RngState(), ResumeGuard(resume_settings(cfg)), *([clock] if clock else [])]
     if t.checkpoint_every_n_steps > 0:
         callbacks.append(periodic_checkpoint(run_dir, t.checkpoint_every_n_steps))
     return lightning_trainer(
@@ -94,19 +96,19 @@ def train(cfg: TrainConfig) -> LensTrainResult:
     model, data = model_and_data(cfg)
     lens = TunedLens.for_model(model)
 
-    started = time.perf_counter()
+    clock = RunClock(time.perf_counter())
     if cfg.lens.init == "lstsq" and ckpt_path is None:  # a checkpoint already holds the translators
         seqs = data.train_sequences(cfg.lens.lstsq_sequences)
         closed_form_start(model, lens, seqs, cfg.data.batch_size, cfg.lens.ridge)
     if cfg.optim.num_steps > 0:
         module = TunedLensModule(model, lens, cfg.lens, cfg.optim, cfg.trainer.on_nonfinite)
-        trainer = make_trainer(cfg, run_dir)
+        trainer = make_trainer(cfg, run_dir, clock)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         model.to("cpu")  # Lightning moved only the module; bring the frozen model back with it
         if trainer.global_rank != 0:
-            return LensTrainResult(run_dir, time.perf_counter() - started)  # the other processes hold the same lens
+            return LensTrainResult(run_dir, clock.seconds())  # the other processes hold the same lens
     lens = lens.cpu()
-    train_seconds = time.perf_counter() - started
+    train_seconds = clock.seconds()  # every segment of a resumed run
 
     save_lens(lens, run_dir, model, to_dict(cfg), train_seconds=train_seconds)
     result = LensTrainResult(run_dir, train_seconds)
