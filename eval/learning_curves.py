@@ -43,7 +43,7 @@ from lens.core.closed_form import RidgeStats, fit_residuals
 from lens.core.metrics import Reading, lens_layer_stats, next_token_targets
 from lens.core.residuals import capture_residuals
 from lens.core.translators import Lens, TunedLens, Unembed, logit_lens_for
-from lens.report.plots import plot_learning_curves
+from lens.report.plots import plot_learning_curves, timed_elsewhere
 from lens.training.datamodule import model_and_data
 from lens.training.lens_run import make_trainer
 from lens.training.module import TunedLensModule
@@ -55,6 +55,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # The lens logits' matmul inputs when scoring. bfloat16 is 3.6x float32 on CPUs with AMX and adds 0.001 nats
 # (measured by --check-lens); on CPUs without native bf16 (AVX2 only) it is 4x slower than float32.
 SCORE_DTYPES: dict[str, torch.dtype | None] = {"bfloat16": torch.bfloat16, "float32": None}
+
+
+def cpu_name() -> str:
+    """The CPU a point was timed on: timings differ by 3x between the machines this study ran on
+    (AMX against AVX2 only), so a point's wall time is only comparable with points from the same one."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = "AMX" if "amx_tile" in flags else "AVX-512, no AMX" if "avx512f" in flags else "AVX2 only" if "avx2" in flags else "no AVX2"
+    return f"{name} ({units})"
 
 
 class HeldOut:
@@ -114,7 +124,7 @@ class Curves:
 
     def __init__(self, out: Path, held_out: HeldOut, score_dtype: str = "bfloat16") -> None:
         self.path, self.held_out, self.score_dtype = out / "curves.json", held_out, score_dtype
-        self.record: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"points": []}
+        self.record: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {"points": [], "timed_on": cpu_name()}
         self.tb = SummaryWriter(str(out / "tensorboard"))
 
     def done(self, arm: str, label: str) -> bool:
@@ -124,7 +134,8 @@ class Curves:
         wall, cpu = clock.read() if isinstance(clock, Clock) else clock
         pause = clock.pause if isinstance(clock, Clock) else (lambda work: work())
         metrics = pause(lambda: self.held_out.score(lens, matmul_dtype=SCORE_DTYPES[self.score_dtype]))
-        point = {"arm": arm, "label": label, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, **extra, "score_dtype": self.score_dtype,
+        point = {"arm": arm, "label": label, "tokens": tokens, "wall_s": wall, "cpu_s": cpu, "timed_on": cpu_name(), **extra,
+                 "score_dtype": self.score_dtype,
                  "kl": metrics["kl"], "ce": metrics["ce"], "mean_kl": mean_over_lens_layers(metrics["kl"]),
                  "mean_ce": mean_over_lens_layers(metrics["ce"])}
         self.record["points"] = [p for p in self.record["points"] if (p["arm"], p["label"]) != (arm, label)] + [point]
@@ -253,12 +264,15 @@ def precision_check(held_out: HeldOut, lens: TunedLens, tokens: int) -> dict[str
     return out
 
 
-def add_run(curves: Curves, run: Path, model) -> None:
+def add_run(curves: Curves, run: Path, model, train_seconds: float | None = None) -> None:
     """A finished ``lens train`` run (e.g. ``configs/pretrained_smollm2.yaml``) as a point of the default arm,
-    timed by the run itself (closed form + KL steps, its recorded ``train_seconds``)."""
+    timed by the run itself (closed form + KL steps, its recorded ``train_seconds``) unless ``train_seconds``
+    is given: a run resumed from a checkpoint written before checkpoints carried the run's clock records
+    only its last segment."""
     lens = load_lens(run, model=model)
     meta = json.loads((run / "config.json").read_text())
-    train, seconds = meta["train_config"], meta["details"]["train_seconds"]
+    train = meta["train_config"]
+    seconds = meta["details"]["train_seconds"] if train_seconds is None else train_seconds
     cf, steps = train["lens"]["lstsq_sequences"], train["optim"]["num_steps"]
     tokens = (cf + steps * train["data"]["batch_size"]) * train["data"]["seq_len"]
     wd = train["optim"]["weight_decay"]
@@ -282,9 +296,12 @@ def table(record: dict[str, Any]) -> str:
                 doublings = math.log2(p["tokens"] / prev["tokens"])
                 change = f"{100 * ((p['mean_kl'] / prev['mean_kl']) ** (1 / doublings) - 1):+.1f}%"
             label = p["label"] + (" †" if p.get("score_dtype") == "float32" else "")
-            rows.append(f"| {arm} | {label} | {p['tokens']:,} | {p['wall_s']:.0f} ({'-' if p['cpu_s'] is None else round(p['cpu_s'])}) | {p['mean_kl']:.4f} | {p['mean_ce']:.4f} | {change} |")
+            wall = f"{p['wall_s']:.0f} ({'-' if p['cpu_s'] is None else round(p['cpu_s'])})" + (" ‡" if timed_elsewhere(record, p) else "")
+            rows.append(f"| {arm} | {label} | {p['tokens']:,} | {wall} | {p['mean_kl']:.4f} | {p['mean_ce']:.4f} | {change} |")
     if any(p.get("score_dtype") == "float32" for p in record["points"]):
         rows.append("\n† scored with float32 matmuls; the others from bf16 inputs, which add about 0.001 nats (--check-lens)")
+    for cpu in sorted({p["timed_on"] for p in record["points"] if timed_elsewhere(record, p)}):
+        rows.append(f"\n‡ timed on {cpu}; the others on {record.get('timed_on')}")
     return "\n".join(rows)
 
 
@@ -360,6 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check-lens", help="instead of curves: storage-dtype and bf16-statistics error of this lens folder")
     p.add_argument("--check-tokens", type=int, default=8128, help="held-out tokens for --check-lens")
     p.add_argument("--add-run", help="instead of curves: add this finished lens train run as a default-arm point")
+    p.add_argument("--train-seconds", type=float, help="with --add-run: the run's training seconds, when its config.json "
+                   "holds only its last segment (resumed from a checkpoint written before checkpoints carried the run clock)")
     p.add_argument("--score-dtype", choices=list(SCORE_DTYPES), default="bfloat16",
                    help="matmul inputs when scoring curve points and --add-run (recorded per point; float32 on CPUs without native "
                         "bf16); --check-lens always measures both")
@@ -369,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(reads) != len(args.published_reads.split(",")) or not all(1 <= r <= args.published_steps for r in reads):
         p.error(f"--published-reads {args.published_reads!r}: give comma-separated steps between 1 and "
                 f"--published-steps ({args.published_steps}), e.g. 8,32,{args.published_steps}")
+    if args.train_seconds is not None and not args.add_run:
+        p.error("--train-seconds only applies to --add-run")
     out = Path(args.out)
     if args.table:
         if not (out / "curves.json").is_file():
@@ -393,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     curves = Curves(out, held_out, args.score_dtype)
     if args.add_run:
-        add_run(curves, Path(args.add_run), model)
+        add_run(curves, Path(args.add_run), model, args.train_seconds)
         plot_learning_curves(curves.record, out / "learning_curves.png")
         return
     train = data.train_sequences(10**9)

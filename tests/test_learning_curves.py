@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_model
-from lens.config import TrainConfig
+from lens.artifacts.registry import save_lens
+from lens.config import TrainConfig, to_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 import learning_curves as lc  # noqa: E402
@@ -104,3 +105,24 @@ def test_points_record_their_scoring_precision_and_the_table_marks_float32(tmp_p
     assert points["f32"]["kl"] != points["bf16"]["kl"]  # the precision is not a label only
     rows = lc.table(exact.record).splitlines()
     assert "| f32 † |" in rows[3] and "| bf16 |" in rows[2] and rows[-1].startswith("† scored with float32")
+
+
+def test_an_added_run_takes_its_recorded_or_given_seconds_and_another_cpus_time_is_marked(tmp_path):
+    model, _, cfg, curves, out = tiny_arm(tmp_path, "added")
+    cfg = replace(cfg, lens=replace(cfg.lens, lstsq_sequences=8), optim=replace(cfg.optim, num_steps=4))
+    save_lens(lc.TunedLens.for_model(model), out / "run", model, to_dict(cfg), train_seconds=5.0)
+    lc.add_run(curves, out / "run", model)
+    assert [(p["label"], p["wall_s"], p["tokens"]) for p in curves.record["points"]] == [("cf8+kl4", 5.0, (8 + 4 * 2) * 16)]
+    lc.add_run(curves, out / "run", model, train_seconds=123.0)  # a run whose config.json holds its last segment only
+    (point,) = curves.record["points"]
+    assert point["wall_s"] == 123.0 and point["timed_on"] == lc.cpu_name() == curves.record["timed_on"]
+    assert "‡" not in lc.table(curves.record)
+    curves.record["timed_on"] = "the study's first CPU"  # the record's other points were timed elsewhere
+    rows = lc.table(curves.record).splitlines()
+    assert "| 123 (-) ‡ |" in rows[2] and rows[-1] == f"‡ timed on {lc.cpu_name()}; the others on the study's first CPU"
+
+
+def test_train_seconds_without_add_run_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        lc.main(["--train-seconds", "10"])
+    assert "--train-seconds only applies to --add-run" in capsys.readouterr().err

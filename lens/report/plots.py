@@ -454,6 +454,11 @@ ARM_LABELS = {
 }
 
 
+def timed_elsewhere(record: dict[str, Any], point: dict[str, Any]) -> bool:
+    """Whether a learning-curve point's wall time comes from another CPU than the record's (``timed_on``)."""
+    return point.get("timed_on", record.get("timed_on")) != record.get("timed_on")
+
+
 def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Mean held-out KL against training tokens seen and against training wall time, one line per arm,
     and each arm's per-layer KL at its last point (``eval/learning_curves.py``'s record)."""
@@ -467,7 +472,12 @@ def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = 
             continue
         label = ARM_LABELS.get(arm, arm)
         line = axes[0].plot([p["tokens"] for p in trained], [p["mean_kl"] for p in trained], marker="o", label=label)[0]
-        axes[1].plot([p["wall_s"] for p in trained], [p["mean_kl"] for p in trained], marker="o", color=line.get_color(), label=label)
+        here = [p for p in trained if not timed_elsewhere(record, p)]
+        axes[1].plot([p["wall_s"] for p in here], [p["mean_kl"] for p in here], marker="o", color=line.get_color(), label=label)
+        elsewhere = [p for p in trained if timed_elsewhere(record, p)]
+        if elsewhere:  # another CPU's seconds: shown, but not joined to this machine's curve
+            axes[1].plot([p["wall_s"] for p in elsewhere], [p["mean_kl"] for p in elsewhere], marker="o", linestyle="none",
+                         markerfacecolor="none", color=line.get_color(), label=f"{label}, timed on {elsewhere[0]['timed_on']}")
         last = trained[-1]
         axes[2].plot(range(len(last["kl"]) - 1), last["kl"][:-1], marker="o", markersize=3, color=line.get_color(),
                      label=f"{arm}: {last['label']} ({last['tokens']:,} tokens)")
@@ -484,5 +494,6 @@ def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = 
     axes[1].set_xscale("log")
     fig.suptitle(title or (
         f"{record.get('model', 'model')}: tuned-lens learning curves, held-out KL on {record.get('held_out_tokens', 0):,} tokens "
-        f"of {record.get('corpus', 'corpus')} pages no arm trains on\nwall times as measured (other jobs shared the cores for some points: see docs/learning_curves.md)"))
+        f"of {record.get('corpus', 'corpus')} pages no arm trains on\nwall times as measured on {record.get('timed_on', 'one CPU')} unless "
+        f"marked (other jobs shared the cores for some points: see docs/learning_curves.md)"))
     return save_figure(fig, path)
