@@ -106,6 +106,13 @@ class FrozenModelModule(L.LightningModule):
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Free the gradients once the update has used them. Lightning clears them only just before
+        the next backward, so they would sit through the next step's forward, the step's largest
+        moment, as a third of the lens' training state."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
+
     def configure_optimizers(self):
         cfg = self.optim_cfg
         opt = make_optimizer(self.trainable.parameters(), cfg)
