@@ -1228,7 +1228,7 @@ def lens_recipe(train_config: Mapping[str, Any]) -> str | None:
         return None
     lens, data = train_config["lens"], train_config["data"]
     start = f"closed form on {lens['lstsq_sequences'] * data['seq_len']:,} tokens" if lens["init"] == "lstsq" else "zero start"
-    return f"tuned lens ({start} + {train_config['optim']['num_steps']} KL steps)"
+    return f"tuned lens ({start} + {train_config['optim']['num_steps']:,} KL steps)"
 
 
 def to_dict(cfg: Any) -> dict:

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tiny_run import REPO, config, write_tiny_inputs, overrides
-from lens.artifacts.metadata import ArtifactNotFoundError
+from lens.artifacts.metadata import ArtifactMeta, ArtifactNotFoundError
 from lens.artifacts.pretrained import hub_cache
 from lens.artifacts.registry import load_lens, load_pretrained, resolve_lens
 from lens.cli import main as cli_main
 from lens.config import SHIPPED_LENSES, ConfigError, PushConfig, SteerConfig, TrainConfig, load_config
 from lens.core.model import load_model
+from lens.report.card import model_card
 from lens.runs.push import push
 from lens.training.lens_run import train
 
@@ -104,6 +106,22 @@ def test_the_shipped_lens_loads_offline_in_one_line():
     card = (REPO / "checkpoints" / SHIPPED_LENSES["smollm2-135m"] / "README.md").read_text()
     assert "lens train --config train_config.yaml" in card and "CC-BY-SA 3.0" in card
 
+
+
+@pytest.mark.parametrize("init, optimizer, weight_decay, says", [
+    ("lstsq", "sgd", 0.0, ["closed-form ridge regression", "over 180,224 tokens", "SGD Nesterov", "no weight decay"]),
+    ("zero", "adam", 0.001, ["translators started at zero", "AdamW, lr 1.0 × 1e-3, weight decay 0.001"]),
+])
+def test_the_card_says_how_the_lens_was_trained(init, optimizer, weight_decay, says):
+    """The recipe line follows the recorded config: the start, the optimizer and its weight decay, the step count."""
+    folder = REPO / "checkpoints" / SHIPPED_LENSES["smollm2-135m"]
+    meta = ArtifactMeta.from_json(json.loads((folder / "config.json").read_text()), str(folder))
+    train = {**meta.train_config, "lens": {**meta.train_config["lens"], "init": init},
+             "optim": {**meta.train_config["optim"], "optimizer": optimizer, "weight_decay": weight_decay, "num_steps": 2560}}
+    card = model_card(replace(meta, train_config=train), json.loads((folder / "eval.json").read_text()), "someone/x", None, "float16")
+    recipe = next(line for line in card.splitlines() if line.startswith("- **Recipe**"))
+    assert "2,560 KL steps" in recipe and all(s in recipe for s in says), recipe
+    assert ("closed-form" in recipe) == (init == "lstsq")
 
 def test_resolve_pretrained_checks_the_model(trained_run):
     _, model_dir = trained_run

@@ -41,6 +41,16 @@ def _table(evaluation: Mapping[str, Any]) -> list[str]:
     return rows
 
 
+def optimizer_words(optim: Mapping[str, Any]) -> str:
+    """The optimizer as ``lens.training.module`` builds it; "no weight decay" is said outright, since the
+    published recipe uses 1e-3."""
+    lr_scale, decay = optim.get("lr_scale", "?"), optim.get("weight_decay")
+    decay_words = "weight decay ?" if decay is None else "no weight decay" if decay == 0 else f"weight decay {decay:g}"
+    if optim.get("optimizer", "sgd") == "adam":
+        return f"AdamW, lr {lr_scale} × 1e-3, {decay_words}"
+    return f"SGD Nesterov, lr {lr_scale} × (1 − {optim.get('momentum', '?')}), {decay_words}"
+
+
 def model_card(meta: ArtifactMeta, evaluation: Mapping[str, Any], repo_id: str, figure: str | None, storage: str) -> str:
     """Markdown with a YAML header the hub reads; every number comes from ``evaluation`` (the run's
     ``eval.json``) and ``meta`` (its ``config.json``)."""
@@ -84,10 +94,12 @@ def model_card(meta: ArtifactMeta, evaluation: Mapping[str, Any], repo_id: str, 
         "",
         f"- **Corpus**: {corpus_text}; {data.get('eval_percent', '?')}% of its documents are held out (chosen by a hash",
         "  of the document index) and never trained on.",
-        f"- **Recipe**: {lens_recipe(train) or 'see config.json'}: a closed-form ridge regression of the final residual on each",
-        f"  layer's residual over {cf_tokens:,} tokens, then {optim.get('num_steps', 0)} KL steps "
-        f"(SGD Nesterov, lr {optim.get('lr_scale', '?')} × (1 − {optim.get('momentum', '?')}), weight decay "
-        f"{optim.get('weight_decay', '?')}, linear decay, gradient clip {optim.get('grad_clip', '?')}) on batches of {data.get('batch_size', '?')} × {data.get('seq_len', '?')} tokens"
+        f"- **Recipe**: {lens_recipe(train) or 'see config.json'}: "
+        + (f"a closed-form ridge regression of the final residual on each layer's residual over {cf_tokens:,} tokens, then "
+           if cf_tokens else "translators started at zero (the identity), then ")
+        + f"{optim.get('num_steps', 0):,} KL steps ({optimizer_words(optim)}, linear learning-rate decay, "
+        f"gradient clip {optim.get('grad_clip', '?')}) "
+        f"on batches of {data.get('batch_size', '?')} × {data.get('seq_len', '?')} tokens"
         + (f", the KL taken at {positions} random positions per batch." if positions else ", the KL at every position."),
         f"- **Tokens read**: {cf_tokens + kl_tokens:,} ({cf_tokens:,} closed form + {kl_tokens:,} in KL steps).",
         "- **Reproduce**: `lens train --config train_config.yaml` (the configuration as run, in this folder) writes the",
