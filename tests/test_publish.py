@@ -107,7 +107,6 @@ def test_the_shipped_lens_loads_offline_in_one_line():
     assert "lens train --config train_config.yaml" in card and "CC-BY-SA 3.0" in card
 
 
-
 @pytest.mark.parametrize("init, optimizer, weight_decay, says", [
     ("lstsq", "sgd", 0.0, ["closed-form ridge regression", "over 180,224 tokens", "SGD Nesterov", "no weight decay"]),
     ("zero", "adam", 0.001, ["translators started at zero", "AdamW, lr 1.0 × 1e-3, weight decay 0.001"]),
@@ -122,6 +121,7 @@ def test_the_card_says_how_the_lens_was_trained(init, optimizer, weight_decay, s
     recipe = next(line for line in card.splitlines() if line.startswith("- **Recipe**"))
     assert "2,560 KL steps" in recipe and all(s in recipe for s in says), recipe
     assert ("closed-form" in recipe) == (init == "lstsq")
+
 
 def test_resolve_pretrained_checks_the_model(trained_run):
     _, model_dir = trained_run
