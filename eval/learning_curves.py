@@ -9,7 +9,8 @@ last read). Three arms, one fixed held-out set:
   decays to 0 at its last step, read at intermediate steps.
 - ``default``: this project's path: the closed-form start on the first ``n`` training tokens,
   then KL fine-tuning with ``positions_per_layer`` (``configs/default.yaml`` is the first point).
-  Each point is its own run, with its own schedule.
+  Each point is its own run, with its own schedule. Runs with Adam or with weight decay form their
+  own arm (``default`` is SGD without decay; ``default_adam``, ``default_wd0.001``).
 - ``closed_form``: the closed-form start alone on growing token counts (one pass, solved at each).
 
 Held-out: the first ``--eval-seqs`` sequences of the held-out pages (``data.eval_percent`` of
@@ -164,14 +165,15 @@ def closed_form_arm(model, train: torch.Tensor, cfg: TrainConfig, curves: Curves
             curves.add("closed_form", labels[seen], lens, seen * cfg.data.seq_len, clock, cf_sequences=seen)
 
 
-def default_arm_name(weight_decay: float) -> str:
-    """Default-path points trained with weight decay form their own curve: decay erodes the closed-form start."""
-    return "default" if weight_decay == 0 else f"default_wd{weight_decay:g}"
+def default_arm_name(optimizer: str, weight_decay: float) -> str:
+    """Default-path points trained with another optimizer or with weight decay form their own curve: decay
+    erodes the closed-form start, and Adam moves the closed form at another pace than SGD."""
+    return "default" + ("" if optimizer == "sgd" else f"_{optimizer}") + ("" if weight_decay == 0 else f"_wd{weight_decay:g}")
 
 
 def default_arm(model, data, cfg: TrainConfig, curves: Curves, budgets: list[tuple[int, int]], out: Path) -> None:
     """The default path at growing budgets: (closed-form sequences, KL steps), each its own run."""
-    arm = default_arm_name(cfg.optim.weight_decay)
+    arm = default_arm_name(cfg.optim.optimizer, cfg.optim.weight_decay)
     cf_time = {p["label"]: (p["wall_s"], p["cpu_s"]) for p in curves.record["points"] if p["arm"] == "closed_form"}
     for cf_seqs, steps in budgets:
         label = f"cf{cf_seqs}+kl{steps}"
@@ -187,7 +189,8 @@ def default_arm(model, data, cfg: TrainConfig, curves: Curves, budgets: list[tup
         clock.wall -= cf_wall  # the closed form this run started from is part of its cost
         clock.cpu -= cf_cpu
         tokens = (cf_seqs + steps * cfg.data.batch_size) * cfg.data.seq_len
-        curves.add(arm, label, lens.cpu(), tokens, clock, cf_sequences=cf_seqs, kl_steps=steps, weight_decay=cfg.optim.weight_decay)
+        curves.add(arm, label, lens.cpu(), tokens, clock, cf_sequences=cf_seqs, kl_steps=steps, weight_decay=cfg.optim.weight_decay,
+                   optimizer=cfg.optim.optimizer)
         clock.pause(lambda: save_lens(lens, out / "lenses" / f"{arm}_{label}", model, to_dict(step_cfg)))
 
 
@@ -275,13 +278,13 @@ def add_run(curves: Curves, run: Path, model, train_seconds: float | None = None
     seconds = meta["details"]["train_seconds"] if train_seconds is None else train_seconds
     cf, steps = train["lens"]["lstsq_sequences"], train["optim"]["num_steps"]
     tokens = (cf + steps * train["data"]["batch_size"]) * train["data"]["seq_len"]
-    wd = train["optim"]["weight_decay"]
-    curves.add(default_arm_name(wd), f"cf{cf}+kl{steps}", lens, tokens, (seconds, None), cf_sequences=cf, kl_steps=steps,
-               weight_decay=wd, run=str(run))
+    optimizer, wd = train["optim"]["optimizer"], train["optim"]["weight_decay"]
+    curves.add(default_arm_name(optimizer, wd), f"cf{cf}+kl{steps}", lens, tokens, (seconds, None), cf_sequences=cf,
+               kl_steps=steps, weight_decay=wd, optimizer=optimizer, run=str(run))
 
 
 def default_arms(record: dict[str, Any]) -> list[str]:
-    """The recorded default-path arms, one per weight decay (``default_arm_name``), the undecayed first."""
+    """The recorded default-path arms, one per optimizer and weight decay (``default_arm_name``), the undecayed first."""
     return sorted({p["arm"] for p in record["points"] if p["arm"].startswith("default")}, key=lambda a: (a != "default", a))
 
 

@@ -221,7 +221,11 @@ class LensConfig(Checked):
 @dataclass
 class OptimConfig(Checked):
     optimizer: Optimizer = "sgd"
-    """``sgd`` (SGD with Nesterov momentum, tuned-lens scripts/ingredients.py) or ``adam``."""
+    """``sgd`` (SGD with Nesterov momentum, tuned-lens scripts/ingredients.py) or ``adam`` (AdamW). From the
+    closed form, SGD's clipped steps are small next to the fit (the unclipped gradient's norm is several times
+    the clip), and Adam at lr 1e-3 reaches a lower KL in the same steps: ``configs/default.yaml`` uses it
+    (eval/kl_optimizers.py, docs/learning_curves.md), at the cost of a second moment buffer (more peak
+    memory: docs/performance.md)."""
     lr_scale: float = 1.0
     """Learning rate is ``lr_scale * (1 - momentum)`` for SGD (tuned-lens ingredients.py), ``lr_scale * 1e-3`` for Adam."""
     momentum: float = 0.9
@@ -1228,7 +1232,8 @@ def lens_recipe(train_config: Mapping[str, Any]) -> str | None:
         return None
     lens, data = train_config["lens"], train_config["data"]
     start = f"closed form on {lens['lstsq_sequences'] * data['seq_len']:,} tokens" if lens["init"] == "lstsq" else "zero start"
-    return f"tuned lens ({start} + {train_config['optim']['num_steps']:,} KL steps)"
+    optimizer = "Adam" if train_config["optim"].get("optimizer") == "adam" else "SGD"  # the two learn at different paces
+    return f"tuned lens ({start} + {train_config['optim']['num_steps']:,} KL steps, {optimizer})"
 
 
 def to_dict(cfg: Any) -> dict:

@@ -122,6 +122,17 @@ def test_an_added_run_takes_its_recorded_or_given_seconds_and_another_cpus_time_
     assert "| 123 (-) ‡ |" in rows[2] and rows[-1] == f"‡ timed on {lc.cpu_name()}; the others on the study's first CPU"
 
 
+def test_an_added_run_joins_the_arm_of_its_optimizer_and_weight_decay(tmp_path):
+    model, _, cfg, curves, out = tiny_arm(tmp_path, "arms")
+    for optimizer, wd in (("sgd", 0.0), ("adam", 0.0), ("sgd", 1e-3), ("adam", 1e-3)):
+        run = out / f"{optimizer}{wd}"
+        save_lens(lc.TunedLens.for_model(model), run, model, to_dict(replace(cfg, optim=replace(cfg.optim, optimizer=optimizer, weight_decay=wd))), train_seconds=1.0)
+        lc.add_run(curves, run, model)
+    assert [(p["arm"], p["optimizer"]) for p in curves.record["points"]] == [
+        ("default", "sgd"), ("default_adam", "adam"), ("default_wd0.001", "sgd"), ("default_adam_wd0.001", "adam")]
+    assert lc.default_arms(curves.record) == ["default", "default_adam", "default_adam_wd0.001", "default_wd0.001"]
+
+
 def test_train_seconds_without_add_run_is_refused(capsys):
     with pytest.raises(SystemExit):
         lc.main(["--train-seconds", "10"])

@@ -119,7 +119,7 @@ def test_the_card_says_how_the_lens_was_trained(init, optimizer, weight_decay, s
              "optim": {**meta.train_config["optim"], "optimizer": optimizer, "weight_decay": weight_decay, "num_steps": 2560}}
     card = model_card(replace(meta, train_config=train), json.loads((folder / "eval.json").read_text()), "someone/x", None, "float16")
     recipe = next(line for line in card.splitlines() if line.startswith("- **Recipe**"))
-    assert "2,560 KL steps" in recipe and all(s in recipe for s in says), recipe
+    assert f"2,560 KL steps, {'Adam' if optimizer == 'adam' else 'SGD'})" in recipe and all(s in recipe for s in says), recipe
     assert ("closed-form" in recipe) == (init == "lstsq")
 
 

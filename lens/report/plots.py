@@ -448,7 +448,8 @@ def plot_direction_lens(readings: list[LensFlip], labels: list[str], path: str |
 
 ARM_LABELS = {
     "published": "published recipe (zero init, all positions)",
-    "default": "ours (closed form + KL, 64 positions/step)",
+    "default": "ours, SGD (closed form + KL, 64 positions/step)",
+    "default_adam": "ours, Adam lr 1e-3 (the default since the optimizer study)",
     "default_wd0.001": "ours with weight decay 1e-3 (the old default)",
     "closed_form": "closed form alone",
 }
@@ -462,7 +463,7 @@ def timed_elsewhere(record: dict[str, Any], point: dict[str, Any]) -> bool:
 def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = "") -> Path:
     """Mean held-out KL against training tokens seen and against training wall time, one line per arm,
     and each arm's per-layer KL at its last point (``eval/learning_curves.py``'s record)."""
-    fig, axes = panels_figure(1, 3, figsize=(16, 4.6))
+    fig, axes = panels_figure(1, 3, figsize=(16, 6.2))
     recorded = {p["arm"] for p in record["points"]}
     arms = {arm: sorted((p for p in record["points"] if p["arm"] == arm), key=lambda p: (p["tokens"], p["wall_s"]))
             for arm in [*ARM_LABELS, *sorted(recorded - ARM_LABELS.keys())]}  # an arm without a label still gets its line
@@ -489,7 +490,7 @@ def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = 
         ax.set_ylabel("KL(final || lens) [nats/token]" if ax is axes[2] else "mean KL(final || lens) over layers [nats/token]")
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # below: the curves fill the axes
     axes[0].set_xscale("log")
     axes[1].set_xscale("log")
     fig.suptitle(title or (
