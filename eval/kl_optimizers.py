@@ -20,48 +20,68 @@ import argparse
 import copy
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, get_args
 
 import torch
 
 from lens.analysis.evaluate import evaluate_lenses
 from lens.artifacts.files import write_json
 from lens.artifacts.registry import load_lens, save_lens
-from lens.config import OptimConfig, TrainConfig, load_config
+from lens.config import LensConfig, OptimConfig, Optimizer, TrainConfig, load_config
 from lens.core.closed_form import closed_form_start
 from lens.core.translators import TunedLens
 from lens.training.datamodule import model_and_data
-from lens.training.module import TunedLensModule, make_optimizer, warmup_then_linear_decay
+from lens.training.module import TunedLensModule
 
 ROOT = Path(__file__).resolve().parents[1]
 # Adam divides each update by the gradient's running scale, so a clip that rescales the whole gradient changes little
 SPECS = "sgd:sgd:1:1:80,adam:adam:1:0:80,sgd_noclip:sgd:1:0:80,adam_lr3e-3:adam:3:0:80,adam_lr3e-4:adam:0.3:0:80"
 
 
-def gradient_norms(module: TunedLensModule, lens: TunedLens, sequences: torch.Tensor, batches: int, batch_size: int) -> list[dict[str, Any]]:
+def per_layer_norms(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Norm of each layer's translator ``[A | b]``: ``weight [L, d, d]``, ``bias [L, d]`` -> ``[L]``."""
+    return torch.cat([weight.flatten(1), bias], 1).norm(dim=1)
+
+
+def gradient_norms(module: TunedLensModule, sequences: torch.Tensor, batches: int, batch_size: int) -> list[dict[str, Any]]:
     """The unclipped KL gradient on ``batches`` batches: its total norm, per-layer norms, and the weights' norms."""
+    lens = module.trainable
     torch.manual_seed(0)
     rows = []
     for _ in range(batches):
         lens.zero_grad()
         module.part_losses(sequences[torch.randint(len(sequences), (batch_size,))]).sum().backward()
-        per_layer = torch.cat([lens.weight.grad.flatten(1), lens.bias.grad], 1).norm(dim=1)  # [L]
+        per_layer = per_layer_norms(lens.weight.grad, lens.bias.grad)
         rows.append({"total": per_layer.norm().item(), "per_layer": per_layer.tolist()})
     lens.zero_grad()
-    weights = torch.cat([lens.weight.detach().flatten(1), lens.bias.detach()], 1).norm(dim=1)
-    return [*rows, {"weight_norm_per_layer": weights.tolist()}]
+    return [*rows, {"weight_norm_per_layer": per_layer_norms(lens.weight.detach(), lens.bias.detach()).tolist()}]
 
 
-def run_spec(module_args: tuple, lens0: TunedLens, spec: str, sequences: torch.Tensor, batch_size: int, score) -> dict[str, Any]:
-    """One spec from the shared start: its own schedule, the shared batches, read at 1/4, 1/2 and the end."""
-    name, optimizer, lr_scale, clip, steps = spec.split(":")
-    clip_norm, total = float(clip), int(steps)
+def parse_spec(spec: str) -> tuple[str, OptimConfig]:
+    """``name:optimizer:lr_scale:grad_clip:steps`` as a name and the run's optimizer settings, checked before any model loads."""
+    fields = spec.split(":")
+    try:
+        name, optimizer, lr_scale, clip, steps = fields
+        optim = OptimConfig(optimizer=optimizer, lr_scale=float(lr_scale), weight_decay=0.0, num_steps=int(steps), grad_clip=float(clip))  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(f"spec {spec!r}: write name:optimizer:lr_scale:grad_clip:steps, e.g. adam:adam:1:0:80") from None
+    if optimizer not in get_args(Optimizer) or optim.lr_scale <= 0 or optim.grad_clip < 0 or optim.num_steps < 4:
+        raise ValueError(f"spec {spec!r}: optimizer one of {', '.join(get_args(Optimizer))}, lr_scale > 0, grad_clip >= 0 "
+                         "(0: no clip), steps >= 4 (read at a quarter, half and all of them)")
+    return name, optim
+
+
+def run_spec(
+    model, lens_cfg: LensConfig, lens0: TunedLens, spec: str, sequences: torch.Tensor, batch_size: int, score: Callable[[TunedLens], float]
+) -> dict[str, Any]:
+    """One spec from the shared start: its own schedule (``lens train``'s, from ``configure_optimizers``),
+    the shared batches, read at 1/4, 1/2 and the end."""
+    name, optim = parse_spec(spec)
+    clip_norm, total = optim.grad_clip, optim.num_steps
     lens = copy.deepcopy(lens0)
-    optim = OptimConfig(optimizer=optimizer, lr_scale=float(lr_scale), weight_decay=0.0, num_steps=total, grad_clip=clip_norm)
-    model, lens_cfg = module_args
     module = TunedLensModule(model, lens, lens_cfg, optim)
-    opt = make_optimizer(lens.parameters(), optim)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_then_linear_decay(s, 0, total))
+    configured = module.configure_optimizers()
+    opt, schedule = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
     batches = torch.Generator().manual_seed(1)
     torch.manual_seed(1)  # the positions each step keeps
     reads, start = {}, time.perf_counter()
@@ -75,7 +95,7 @@ def run_spec(module_args: tuple, lens0: TunedLens, spec: str, sequences: torch.T
         if step in (total // 4, total // 2, total):
             reads[step] = score(lens)
             print(f"{name:>12} step {step:>5}: mean KL {reads[step]:.4f}", flush=True)
-    return {"optimizer": optimizer, "lr_scale": float(lr_scale), "grad_clip": clip_norm, "steps": total,
+    return {"optimizer": optim.optimizer, "lr_scale": optim.lr_scale, "grad_clip": clip_norm, "steps": total,
             "mean_kl": reads, "seconds_with_reads": time.perf_counter() - start}
 
 
@@ -87,6 +107,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grad-batches", type=int, default=3, help="batches on which the unclipped gradient is measured")
     p.add_argument("--out", default=str(ROOT / "eval" / "out"))
     args = p.parse_args(argv)
+    try:
+        specs = args.specs.split(",")
+        names = [parse_spec(spec)[0] for spec in specs]
+    except ValueError as e:
+        p.error(f"--specs: {e}")
+    if len(set(names)) != len(names):
+        p.error(f"--specs: the names {names} repeat; give each spec its own name (the first field)")
     cfg = load_config(TrainConfig, args.config, ["trainer.progress_bar=false"])
     model, data = model_and_data(cfg)
     sequences = data.train_sequences(10**9)
@@ -105,13 +132,12 @@ def main(argv: list[str] | None = None) -> None:
 
     record: dict[str, Any] = {"config": args.config, "held_out_tokens": int(held_out[:, 1:].numel()), "start_mean_kl": score(lens0)}
     print(f"closed form on {cfg.lens.lstsq_sequences} sequences: mean KL {record['start_mean_kl']:.4f}", flush=True)
-    probe = copy.deepcopy(lens0)
-    grads = gradient_norms(TunedLensModule(model, probe, cfg.lens, cfg.optim), probe, sequences, args.grad_batches, cfg.data.batch_size)
+    grads = gradient_norms(TunedLensModule(model, copy.deepcopy(lens0), cfg.lens, cfg.optim), sequences, args.grad_batches, cfg.data.batch_size)
     record["unclipped_gradient"] = grads
     print("unclipped KL gradient norm per batch:", ", ".join(f"{g['total']:.2f}" for g in grads[:-1]), flush=True)
     record["specs"] = {}
-    for spec in args.specs.split(","):
-        record["specs"][spec.split(":")[0]] = run_spec((model, cfg.lens), lens0, spec, sequences, cfg.data.batch_size, score)
+    for name, spec in zip(names, specs):
+        record["specs"][name] = run_spec(model, cfg.lens, lens0, spec, sequences, cfg.data.batch_size, score)
         write_json(record, out / "kl_optimizers.json")
     print(f"wrote {out / 'kl_optimizers.json'}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import make_model
@@ -30,17 +31,25 @@ def test_specs_share_batches_and_adam_improves_on_the_closed_form():
         return evaluate_lenses(model, {"l": lens}, held_out, 4, progress=False).lenses["l"].mean_kl
 
     cfg = LensConfig(positions_per_layer=8)
-    first = ko.run_spec((model, cfg), lens0, "adam:adam:3:0:8", train, 2, score)
-    again = ko.run_spec((model, cfg), lens0, "adam:adam:3:0:8", train, 2, score)
+    first = ko.run_spec(model, cfg, lens0, "adam:adam:3:0:8", train, 2, score)
+    again = ko.run_spec(model, cfg, lens0, "adam:adam:3:0:8", train, 2, score)
     assert sorted(first["mean_kl"]) == [2, 4, 8] and first["mean_kl"] == again["mean_kl"]  # same batches, same positions
     assert first["mean_kl"][8] < score(lens0)  # the spec trained a copy: the start is untouched and worse
-    sgd = ko.run_spec((model, cfg), lens0, "sgd:sgd:1:1:8", train, 2, score)
+    sgd = ko.run_spec(model, cfg, lens0, "sgd:sgd:1:1:8", train, 2, score)
     assert sgd["mean_kl"][8] != first["mean_kl"][8]
 
     probe = TunedLens.for_model(model)
     probe.load_state_dict(lens0.state_dict())
-    rows = ko.gradient_norms(TunedLensModule(model, probe, cfg, ko.OptimConfig()), probe, train, 2, 2)
+    rows = ko.gradient_norms(TunedLensModule(model, probe, cfg, ko.OptimConfig()), train, 2, 2)
     assert len(rows) == 3 and all(abs(r["total"] - torch.tensor(r["per_layer"]).norm().item()) < 1e-4 for r in rows[:2])
     assert rows[0]["total"] > 0
     assert probe.weight.grad is None  # cleared after: the measurement leaves nothing for an optimizer to apply
     assert len(rows[2]["weight_norm_per_layer"]) == lens0.n_layers
+
+
+def test_a_bad_spec_is_refused_before_any_model_loads(capsys):
+    for specs, says in (("adam:1:80", "name:optimizer:lr_scale:grad_clip:steps"), ("a:adamw:1:0:80", "optimizer one of sgd, adam"),
+                        ("a:sgd:1:0:2", "steps >= 4"), ("a:sgd:1:1:8,a:adam:1:0:8", "give each spec its own name")):
+        with pytest.raises(SystemExit):
+            ko.main(["--specs", specs, "--config", "configs/does-not-exist.yaml"])  # the config is never read
+        assert says in capsys.readouterr().err
