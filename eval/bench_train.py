@@ -13,8 +13,10 @@ model, data, batch and token budget, so peak memory is that arm's own:
   then Lightning KL fine-tuning with the streaming KL). Its closed-form sequences count
   against the token budget, so it gets fewer KL steps than the reference.
 
-Held-out KL is the straightforward ``lens_kl_loss_reference`` for both arms. JSON goes to
-``eval/out/``; a table is printed.
+Held-out KL is the straightforward ``lens_kl_loss_reference`` for both arms. Peak memory is
+also kept per phase (closed form, each part of a KL step, Lightning's own), and the memory target
+is judged on the peak without ours' lens snapshots, which only the benchmark takes. JSON goes to
+``eval/out/``; tables are printed.
 """
 
 from __future__ import annotations
@@ -83,6 +85,37 @@ def peak_memory() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return _proc_kib("VmHWM") / 1024
+
+
+class PhasePeaks(L.Callback):
+    """Peak memory per phase of a run, so a peak can be traced to where it happens: at each phase
+    boundary the window's peak is credited to the phase that ends and a new window starts. The
+    phases of a KL step follow Lightning's hooks (forward and loss, backward, clip and update)."""
+
+    def __init__(self) -> None:
+        self.phase = "start"
+        self.peaks: dict[str, float] = {}  # phase -> peak MiB (absolute, like peak_memory)
+
+    def enter(self, phase: str) -> None:
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), peak_memory())
+        reset_peak_memory()
+        self.phase = phase
+
+    def overall(self) -> float:
+        self.enter(self.phase)
+        return max(self.peaks.values())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.enter("KL step: forward + loss")
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.enter("KL step: backward")
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.enter("KL step: clip + update")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.enter("Lightning between steps")
 
 
 # ---------------------------------------------------------------- model, data, held-out KL
@@ -191,8 +224,8 @@ def run_reference(model, data: LensDataModule, steps: int) -> tuple[dict[str, An
 class StepClock(L.Callback):
     """Times KL steps and writes lens snapshots to disk with the writing time taken out."""
 
-    def __init__(self, started: float, snap_steps: set[int], folder: Path) -> None:
-        self.started, self.snap_steps, self.folder = started, snap_steps, folder
+    def __init__(self, started: float, snap_steps: set[int], folder: Path, phases: PhasePeaks) -> None:
+        self.started, self.snap_steps, self.folder, self.phases = started, snap_steps, folder, phases
         self.cpu_started = time.process_time()
         self.paused = 0.0
         self.snapshots: list[tuple[int, float, Path]] = []
@@ -205,7 +238,10 @@ class StepClock(L.Callback):
     def snapshot(self, lens: TunedLens, step: int) -> None:
         at = self.elapsed()
         t = time.perf_counter()
+        resume = self.phases.phase
+        self.phases.enter("benchmark's lens snapshot")  # its serialised copy is the benchmark's cost, not training's
         path = save_lens(lens, self.folder / f"step{step}")
+        self.phases.enter(resume)
         self.snapshots.append((step, at, path))
         self.paused += time.perf_counter() - t
 
@@ -231,17 +267,22 @@ def snapshot_steps(n: int) -> set[int]:
     return steps
 
 
-def run_ours(model, cfg: TrainConfig, data: LensDataModule, folder: Path) -> tuple[dict[str, Any], TunedLens, StepClock]:
+def run_ours(
+    model, cfg: TrainConfig, data: LensDataModule, folder: Path, phases: PhasePeaks
+) -> tuple[dict[str, Any], TunedLens, StepClock]:
+    phases.enter("closed form")
     lens = TunedLens.for_model(model).to(model.device)
     _sync()
-    clock = StepClock(time.perf_counter(), snapshot_steps(cfg.optim.num_steps), folder)
+    clock = StepClock(time.perf_counter(), snapshot_steps(cfg.optim.num_steps), folder, phases)
     closed_form_start(model, lens, data.train_sequences(cfg.lens.lstsq_sequences), cfg.data.batch_size, cfg.lens.ridge)
     cf_seconds = clock.elapsed()
     clock.snapshot(lens, 0)
     if cfg.optim.num_steps > 0:
+        phases.enter("Lightning setup")
         trainer = make_trainer(cfg, folder)
-        trainer.callbacks.append(clock)
+        trainer.callbacks += [clock, phases]
         trainer.fit(TunedLensModule(model, lens, cfg.lens, cfg.optim), datamodule=data)
+        phases.enter("Lightning teardown")
     total, cpu = clock.elapsed(), clock.cpu()
     first_wall, first_cpu = clock.first_batch or (total, cpu)
     stats = {
@@ -288,13 +329,18 @@ def run_arm(args: argparse.Namespace) -> dict[str, Any]:
     held_out = held_out_set(model, data.val_sequences, args.batch_size)  # type: ignore[arg-type]
     unembed = Unembed(model)
     baseline = reset_peak_memory()
+    phases = PhasePeaks()
     if args.arm == "reference":
+        phases.enter("training")
         stats, lens = run_reference(model, data, args.steps)
         clock = None
     else:
-        stats, lens, clock = run_ours(model, cfg, data, folder)
-    stats["peak_mib"], stats["baseline_mib"] = peak_memory(), baseline
+        stats, lens, clock = run_ours(model, cfg, data, folder, phases)
+    stats["peak_mib"], stats["baseline_mib"] = phases.overall(), baseline
     stats["peak_extra_mib"] = stats["peak_mib"] - baseline
+    stats["phase_extra_mib"] = {phase: peak - baseline for phase, peak in phases.peaks.items() if phase != "start"}
+    training = [mib for phase, mib in stats["phase_extra_mib"].items() if phase != "benchmark's lens snapshot"]
+    stats["peak_extra_training_mib"] = max(training)  # without the benchmark's own snapshots
     tokens_per_step = args.batch_size * args.seq_len
     stats["kl_tokens"] = stats["kl_steps"] * tokens_per_step
     cf_tokens = cfg.lens.lstsq_sequences * args.seq_len if cfg.lens.init == "lstsq" else 0
@@ -359,8 +405,9 @@ def summarize(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "kl_tokens_per_cpu_s_ratio": ratio(ours["kl_tokens_per_cpu_s"], ref["kl_tokens_per_cpu_s"]),
         "train_cpu_s_ratio": ratio(ours["cpu_s"], ref["cpu_s"]),
         "peak_extra_mem_ratio": ratio(ours["peak_extra_mib"], ref["peak_extra_mib"]),
+        "peak_extra_training_mem_ratio": ratio(ours["peak_extra_training_mib"], ref["peak_extra_training_mib"]),
         "peak_mem_ratio": ratio(ours["peak_mib"], ref["peak_mib"]),
-        "targets": {"time_to_ref_kl_ratio": "<= 0.2", "kl_tokens_per_s_ratio": ">= 1.5", "peak_extra_mem_ratio": "<= 0.25"},
+        "targets": {"time_to_ref_kl_ratio": "<= 0.2", "kl_tokens_per_s_ratio": ">= 1.5", "peak_extra_training_mem_ratio": "<= 0.25"},
     }
 
 
@@ -378,6 +425,15 @@ def table(arms: dict[str, dict[str, Any]]) -> str:
             f"{s['peak_mib']:.0f} ({s['peak_extra_mib']:.0f}) | {s['mean_kl_step0']:.3f} -> {s['mean_kl_final']:.3f} | "
             f"{fmt(s['time_to_target_s'], '.1f')} |"
         )
+    return "\n".join(rows)
+
+
+def phase_table(arms: dict[str, dict[str, Any]]) -> str:
+    """Each arm's peak extra memory per phase, largest first: where each peak happens."""
+    rows = ["| arm | phase | peak extra MiB |", "|---|---|---|"]
+    for name, s in arms.items():
+        for phase, mib in sorted(s["phase_extra_mib"].items(), key=lambda item: -item[1]):
+            rows.append(f"| {name} | {phase} | {mib:.0f} |")
     return "\n".join(rows)
 
 
@@ -428,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     name = f"bench_train_{'gpu' if args.gpu else 'cpu'}{'_' + args.tag if args.tag else ''}.json"
     (OUT_DIR / name).write_text(json.dumps(report, indent=1))
     print(table(arms))
+    print(phase_table(arms))
     if "summary" in report:
         print(json.dumps({k: v for k, v in report["summary"].items() if k != "targets"}))
     print(f"wrote {OUT_DIR / name}")

@@ -109,6 +109,41 @@ def test_a_full_or_read_only_disk_during_a_checkpoint_names_the_file(tmp_path, m
         write_json({"a": 1}, tmp_path / "eval.json")
 
 
+class FillsUp:
+    """A file on a disk with 1,000 bytes left."""
+
+    def __init__(self, file) -> None:
+        self.file, self.left = file, 1000
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.left:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.left -= size
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def fileno(self) -> int:
+        return self.file.fileno()
+
+
+def test_a_disk_that_fills_while_a_checkpoint_streams_is_named(tmp_path, monkeypatch):
+    """torch.save reports a failed write as its own RuntimeError; the errno must still reach the user."""
+    monkeypatch.setattr("lens.artifacts.files.open", lambda path, mode: FillsUp(open(path, mode)), raising=False)
+    path = tmp_path / "resume" / "last.ckpt"
+    with pytest.raises(OutputError, match="no space left on the device of") as err:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(10_000)}, "global_step": 1}, path)
+    assert str(path) in str(err.value) and list(path.parent.iterdir()) == []
+
+
 def test_a_single_text_file_is_split_so_both_splits_get_text(tmp_path, tokenizer):
     corpus = tmp_path / "book.txt"
     corpus.write_text("\n\n".join(TEXT.split(". ")), encoding="utf-8")

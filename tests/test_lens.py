@@ -119,3 +119,26 @@ def test_default_optimizer_keeps_a_closed_form_start_where_the_kl_gradient_is_ze
     assert torch.equal(after_steps(OptimConfig()), torch.full((4, 4), 3.0))
     decayed = after_steps(OptimConfig(weight_decay=1e-3))  # the published recipe's value
     assert (decayed < 3.0).all()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_fused_optimizers_update_as_the_textbook_loop_does(optimizer):
+    """The fused updates save the whole-weight temporaries; the translators must move as the plain loop moves them."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(3, 8, 8), [torch.randn(3, 8, 8) for _ in range(20)]
+    optim = OptimConfig(optimizer=optimizer, weight_decay=1e-3)
+
+    def run(fused: bool) -> torch.Tensor:
+        w = torch.nn.Parameter(start.clone())
+        opt = make_optimizer([w], optim)
+        assert opt.defaults["fused"] is True
+        if not fused:
+            opt.defaults["fused"] = opt.param_groups[0]["fused"] = False
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        return w.detach()
+
+    fused, plain = run(True), run(False)
+    assert not torch.equal(fused, start)
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from lens.config import LensError
 
@@ -76,17 +76,47 @@ def atomic_path(final: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_bytes(data: bytes, path: Path) -> Path:
-    """Write ``data`` to ``path`` atomically and durably (fsync before the rename)."""
+class _Sink:
+    """A binary file that remembers the OS error of a failed write: serialisers such as
+    ``torch.save`` re-raise it as their own error without the errno that says "disk full"."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def write_stream(path: Path, write: Callable[[BinaryIO], Any], needed: int | None = None) -> Path:
+    """Write what ``write`` puts into a binary file to ``path`` atomically and durably (fsync before
+    the rename), without first holding the whole output in memory."""
     with atomic_path(path) as tmp:
+        sink = None
         try:
             with open(tmp, "wb") as f:  # the temp file keeps its mode: opened, not re-created
-                f.write(data)
+                sink = _Sink(f)
+                write(sink)  # type: ignore[arg-type]
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
-            raise explained(err, path, needed=len(data)) from err
+            raise explained(err, path, needed) from err
+        except Exception as err:
+            if sink is not None and sink.error is not None:
+                raise explained(sink.error, path, needed) from err
+            raise
     return path
+
+
+def write_bytes(data: bytes, path: Path) -> Path:
+    """Write ``data`` to ``path`` atomically and durably."""
+    return write_stream(path, lambda f: f.write(data), needed=len(data))
 
 
 def write_json(data: Any, path: Path) -> Path:

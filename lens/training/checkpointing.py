@@ -9,7 +9,6 @@ renamed, so a kill in the middle of a save leaves the previous checkpoint intact
 
 from __future__ import annotations
 
-import io
 import random
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lens.artifacts.files import write_bytes
+from lens.artifacts.files import write_stream
 
 CHECKPOINT_DIR = "resume"
 """Sub-folder of the run folder holding ``last.ckpt``."""
@@ -51,14 +50,24 @@ def check_finite_state(state_dict: dict[str, torch.Tensor]) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Serialise in memory, then write to a temp file, fsync, rename: the checkpoint under the final
-    name is always whole, and a full disk is reported as such (not as a torch serialisation error)."""
+    """Stream to a temp file, fsync, rename: the checkpoint under the final name is always whole, a
+    full disk is reported as such (not as a torch serialisation error), and no serialised copy of
+    the translators and optimizer state is held in memory (with Adam that copy was the run's peak)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         check_finite_state(checkpoint.get("state_dict", {}))
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_bytes(buffer.getvalue(), Path(path))
+        write_stream(Path(path), lambda f: torch.save(checkpoint, f), needed=tensor_bytes(checkpoint))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint: about its size on disk, known before writing it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 class RngState(Callback):

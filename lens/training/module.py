@@ -28,7 +28,9 @@ def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
         lr = cfg.lr_scale * (1 - cfg.momentum)  # tuned-lens: undo SGD's 1/(1-momentum) gain
         # fused: the update in place, without the two grad-sized temporaries of the foreach path
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay, fused=True)
-    return torch.optim.AdamW(params, lr=cfg.lr_scale * 1e-3, weight_decay=cfg.weight_decay)  # "adam": the schema allows no other
+    # "adam" (the schema allows no other), fused for the same reason: the for-loop update forms
+    # sqrt(v) / bias correction as two temporaries the size of the whole [L, d, d] weight
+    return torch.optim.AdamW(params, lr=cfg.lr_scale * 1e-3, weight_decay=cfg.weight_decay, fused=True)
 
 
 def warmup_then_linear_decay(step: int, warmup: int, total: int) -> float:
