@@ -1,8 +1,8 @@
 """Does a re-trained run reproduce a published lens' card?
 
 The card's table shows per-layer KL and CE of the tuned and logit lens to 3 decimals, from the
-folder's ``eval.json``. After running the card's "Reproduce" command, compare the new run with
-the published folder at the digits the card shows, and the weights per layer:
+folder's ``eval.json``. After running the card's "Reproduce" command, compare the new run's table
+with the published one as the card prints it, and the weights per layer:
 
     lens train --config checkpoints/pretrained/smollm2-135m/train_config.yaml
     python eval/check_card.py checkpoints/smollm2-135m-adam640
@@ -17,24 +17,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-CARD_DECIMALS = 3  # lens/report/card.py writes the table with 3 decimals
+from lens.report.card import card_table
+
 SHIPPED = Path("checkpoints/pretrained/smollm2-135m")
 
 
-def compare_evals(published: dict[str, Any], rerun: dict[str, Any], decimals: int = CARD_DECIMALS) -> dict[str, Any]:
-    """Cells of the card's table (per-layer and mean KL/CE, tuned and logit) that differ at the shown digits."""
+def compare_evals(published: dict[str, Any], rerun: dict[str, Any]) -> dict[str, Any]:
+    """The rows of the card's table (``card_table``, at the precision the card prints) that a re-run changes,
+    and the largest difference of any number behind them."""
     if published["tokens"] != rerun["tokens"]:
         raise ValueError(f"the runs were evaluated on different token counts ({published['tokens']} vs {rerun['tokens']}): "
                          "re-run with the published folder's train_config.yaml unchanged")
-    cells: list[tuple[str, str, Any, float, float]] = []
-    for lens in ("tuned", "logit"):
-        a, b = published["lenses"][lens], rerun["lenses"][lens]
-        for key in ("kl", "ce"):
-            cells += [(lens, key, layer, x, y) for layer, (x, y) in enumerate(zip(a[key], b[key]))]
-            cells.append((lens, f"mean_{key}", "mean", a[f"mean_{key}"], b[f"mean_{key}"]))
-    differ = [c for c in cells if f"{c[3]:.{decimals}f}" != f"{c[4]:.{decimals}f}"]
-    return {"cells": len(cells), "differ": differ, "max_abs_diff": max(abs(x - y) for *_, x, y in cells),
-            "mean_kl": (published["lenses"]["tuned"]["mean_kl"], rerun["lenses"]["tuned"]["mean_kl"])}
+    old, new = card_table(published), card_table(rerun)
+    pairs = [(x, y) for lens in ("tuned", "logit") for key in ("kl", "ce")
+             for x, y in zip(published["lenses"][lens][key] + [published["lenses"][lens][f"mean_{key}"]],
+                             rerun["lenses"][lens][key] + [rerun["lenses"][lens][f"mean_{key}"]])]
+    return {"rows": len(old), "differ": [(a, b) for a, b in zip(old, new) if a != b],
+            "max_abs_diff": max(abs(x - y) for x, y in pairs)}
 
 
 def weight_drift(published: dict[str, torch.Tensor], rerun: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -58,13 +57,14 @@ def main() -> None:
         for name in ("eval.json", "lens.safetensors"):
             if not (folder / name).is_file():
                 raise SystemExit(f"{folder / name} is missing: pass a finished `lens train` run and a published lens folder")
-    evals = compare_evals(json.loads((args.published / "eval.json").read_text()), json.loads((args.run / "eval.json").read_text()))
+    published, rerun = (json.loads((folder / "eval.json").read_text()) for folder in (args.published, args.run))
+    evals = compare_evals(published, rerun)
     drift = weight_drift(load_file(args.published / "lens.safetensors"), load_file(args.run / "lens.safetensors"))
-    a, b = evals["mean_kl"]
-    print(f"tuned mean KL: published {a:.6f}, re-run {b:.6f}; largest cell difference {evals['max_abs_diff']:.1e}")
-    print(f"{len(evals['differ'])} of {evals['cells']} card cells differ at {CARD_DECIMALS} decimals")
-    for lens, key, layer, x, y in evals["differ"]:
-        print(f"  {lens} {key} layer {layer}: {x:.{CARD_DECIMALS}f} vs {y:.{CARD_DECIMALS}f}")
+    a, b = published["lenses"]["tuned"]["mean_kl"], rerun["lenses"]["tuned"]["mean_kl"]
+    print(f"tuned mean KL: published {a:.6f}, re-run {b:.6f}; largest difference of any table number {evals['max_abs_diff']:.1e}")
+    print(f"{len(evals['differ'])} of the card table's {evals['rows']} rows differ as printed")
+    for a_row, b_row in evals["differ"]:
+        print(f"  published {a_row}\n  re-run    {b_row}")
     for name in ("weight", "bias"):
         print(f"{name}: relative distance per layer up to {drift[name]:.1e} "
               f"(storage rounding alone {drift[f'{name}_storage_rounding']:.1e})")

@@ -27,7 +27,8 @@ KNOWN_CORPORA = {
 """Corpus name -> (what it is, licence)."""
 
 
-def _table(evaluation: Mapping[str, Any]) -> list[str]:
+def card_table(evaluation: Mapping[str, Any]) -> list[str]:
+    """The card's per-layer table, as markdown rows, at the precision the card shows."""
     tuned, logit = evaluation["lenses"]["tuned"], evaluation["lenses"]["logit"]
     rows = [
         "| layer | KL(final ‖ lens), tuned | KL, logit lens | CE vs next token, tuned | CE, logit lens |",
@@ -107,7 +108,7 @@ def model_card(meta: ArtifactMeta, evaluation: Mapping[str, Any], repo_id: str, 
         "",
         f"## Held-out evaluation ({evaluation['tokens']:,} tokens of held-out pages, nats per token)",
         "",
-        *_table(evaluation),
+        *card_table(evaluation),
         "",
     ]
     if figure:
