@@ -5,7 +5,7 @@ folder's ``eval.json``. After running the card's "Reproduce" command, compare th
 with the published one as the card prints it, and the weights per layer:
 
     lens train --config checkpoints/pretrained/smollm2-135m/train_config.yaml
-    python eval/check_card.py checkpoints/smollm2-135m-adam640
+    python eval/check_card.py checkpoints/smollm2-135m-adam1280
 """
 from __future__ import annotations
 
