@@ -498,3 +498,30 @@ def plot_learning_curves(record: dict[str, Any], path: str | Path, title: str = 
         f"of {record.get('corpus', 'corpus')} pages no arm trains on\nwall times as measured on {record.get('timed_on', 'one CPU')} unless "
         f"marked (other jobs shared the cores for some points: see docs/learning_curves.md)"))
     return save_figure(fig, path)
+
+
+def plot_layer_convergence(record: dict[str, Any], full_runs: dict[int, dict[int, float]], path: str | Path, title: str = "") -> Path:
+    """Held-out KL of single translators against KL-step budgets (``eval/layer_convergence.py``), one panel
+    per layer, with the full runs' KL at that layer and budget for comparison."""
+    layers = sorted({p["layer"] for p in record["points"]})
+    fig, axes = panels_figure(1, len(layers), figsize=(5.5 * len(layers), 4.8), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        points = sorted((p for p in record["points"] if p["layer"] == layer and p["kl_steps"] > 0), key=lambda p: p["kl_steps"])
+        ax.plot([p["kl_steps"] for p in points], [p["kl"] for p in points], marker="o", label="this layer trained alone")
+        full = sorted(full_runs.get(layer, {}).items())
+        if full:
+            ax.plot([s for s, _ in full], [k for _, k in full], marker="s", linestyle="--", label="full runs (all layers), same budget")
+        start = [p["kl"] for p in record["points"] if p["layer"] == layer and p["kl_steps"] == 0]
+        if start:
+            ax.axhline(start[0], color="grey", linestyle=":", label="closed-form start")
+        ax.set_xscale("log")
+        ax.set_xlabel("KL steps (each budget its own run and linear-decay schedule)")
+        ax.set_ylabel("held-out KL(final || lens) [nats/token]")
+        ax.set_title(f"layer {layer} (residual after {layer} blocks)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=9)
+    fig.suptitle(title or (
+        f"{record.get('model', 'model')}: tuned-lens translators trained one layer at a time past the shipped budget\n"
+        f"closed form on {record.get('cf_sequences', '?')} sequences, then KL steps as in {Path(record.get('config', '?')).name}; "
+        f"held-out KL on {record.get('held_out_tokens', 0):,} tokens of {record.get('corpus', 'corpus')}"))
+    return save_figure(fig, path)
