@@ -16,14 +16,13 @@ run comes to them at equal steps.
 
 ``python eval/layer_convergence.py --layers 0,14 --budgets 1280,10240`` (resumable: finished
 ``(layer, budget)`` points are kept in ``eval/out/layer_convergence/layers.json`` and skipped);
-``--table`` prints the recorded points against the full runs' per-layer KL.
+``--table`` prints the recorded points against the full runs' per-layer KL and redraws the figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,12 +30,11 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import trange
 
-from learning_curves import HeldOut, cpu_name, power_law_fit
+from learning_curves import HeldOut, change_per_doubling, cpu_name, power_law_fit
 from lens.artifacts.files import write_json
 from lens.config import TrainConfig, load_config
-from lens.core.closed_form import SINK_POSITIONS, RidgeStats
+from lens.core.closed_form import SINK_POSITIONS, RidgeStats, fit_residuals
 from lens.core.metrics import lens_kl_loss
-from lens.core.residuals import capture_residuals
 from lens.core.translators import TunedLens, Unembed
 from lens.data.batches import ResumableBatches
 from lens.report.plots import plot_layer_convergence
@@ -53,11 +51,12 @@ def cache_training_residuals(model, sequences: torch.Tensor, layers: list[int], 
     ``closed_form_start`` reads: every position but the first ``SINK_POSITIONS``)."""
     rows = [*layers, model.config.num_hidden_layers]
     n, seq_len = sequences.shape
-    cache = torch.empty(len(rows), n, seq_len, model.config.hidden_size)  # [K+1, n, T, d]
-    stats = RidgeStats(len(layers), model.config.hidden_size)
-    for start in trange(0, n, batch, desc="training residuals"):
-        residuals, _ = capture_residuals(model, sequences[start : start + batch], logits=False)  # [L+1, b, T, d]
-        picked = residuals[rows].float()  # [K+1, b, T, d]
+    d = model.config.hidden_size
+    cache = torch.empty(len(rows), n, seq_len, d)  # [K+1, n, T, d]
+    stats = RidgeStats(len(layers), d)
+    passes = fit_residuals(model, sequences, batch, "training residuals", skip_positions=0)  # [L+1, b * T, d] each
+    for start, residuals in zip(range(0, n, batch), passes):
+        picked = residuals[rows].view(len(rows), -1, seq_len, d)  # [K+1, b, T, d]
         cache[:, start : start + batch] = picked
         fit_rows = max(0, min(batch, cf_sequences - start))
         if fit_rows:
@@ -110,7 +109,7 @@ def table(record: dict[str, Any], curves: dict[str, Any]) -> str:
         for prev, p in zip([None, *points], points):
             change = ""
             if prev is not None and prev["kl_steps"] > 0:
-                change = f"{100 * ((p['kl'] / prev['kl']) ** (1 / math.log2(p['kl_steps'] / prev['kl_steps'])) - 1):+.1f}%"
+                change = change_per_doubling(prev["kl_steps"], prev["kl"], p["kl_steps"], p["kl"])
             known = f"{full[p['kl_steps']]:.4f}" if p["kl_steps"] in full else ""
             rows.append(f"| {layer} | {p['kl_steps']:,} | {p['kl']:.4f} | {change} | {known} | {p['train_s']:.0f} |")
     for layer in sorted({p["layer"] for p in record["points"]}):
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(record, curves), f"\nredrew {draw(record, curves, out)}", sep="\n")
         return
     setup = {"config": str(args.config), "overrides": args.overrides, "arm": args.arm}
-    if record["points"] and any(record.get(key, [] if key == "overrides" else None) != value for key, value in setup.items()):
+    if record["points"] and any(record.get(key) != value for key, value in setup.items()):
         p.error(f"{path} holds points of {({key: record.get(key) for key in setup})}, not of {setup}: pass another --out")
     cfg = load_config(TrainConfig, args.config, [f"data.max_eval_sequences={args.eval_seqs}", *args.overrides])
     model, data = model_and_data(cfg)

@@ -288,6 +288,12 @@ def default_arms(record: dict[str, Any]) -> list[str]:
     return sorted({p["arm"] for p in record["points"] if p["arm"].startswith("default")}, key=lambda a: (a != "default", a))
 
 
+def change_per_doubling(x_before: float, kl_before: float, x_after: float, kl_after: float) -> str:
+    """The KL change per doubling of ``x`` (tokens or steps) between two points, as a signed percentage: the
+    flatness criterion's measure, comparable between budgets that are not a doubling apart."""
+    return f"{100 * ((kl_after / kl_before) ** (1 / math.log2(x_after / x_before)) - 1):+.1f}%"
+
+
 def table(record: dict[str, Any]) -> str:
     """The points as a markdown table, with each point's mean-KL change per doubling of tokens since the previous one."""
     rows = ["| arm | point | tokens seen | train wall s (CPU s) | mean KL | mean CE | KL change per doubling |", "|---|---|---:|---:|---:|---:|---:|"]
@@ -296,8 +302,7 @@ def table(record: dict[str, Any]) -> str:
         for prev, p in zip([None, *points], points):
             change = ""
             if prev is not None and prev["tokens"] > 0 and p["tokens"] > prev["tokens"]:
-                doublings = math.log2(p["tokens"] / prev["tokens"])
-                change = f"{100 * ((p['mean_kl'] / prev['mean_kl']) ** (1 / doublings) - 1):+.1f}%"
+                change = change_per_doubling(prev["tokens"], prev["mean_kl"], p["tokens"], p["mean_kl"])
             label = p["label"] + (" †" if p.get("score_dtype") == "float32" else "")
             wall = f"{p['wall_s']:.0f} ({'-' if p['cpu_s'] is None else round(p['cpu_s'])})" + (" ‡" if timed_elsewhere(record, p) else "")
             rows.append(f"| {arm} | {label} | {p['tokens']:,} | {wall} | {p['mean_kl']:.4f} | {p['mean_ce']:.4f} | {change} |")
