@@ -35,6 +35,7 @@ from lens.artifacts.files import write_json
 from lens.config import TrainConfig, load_config
 from lens.core.closed_form import SINK_POSITIONS, RidgeStats, fit_residuals
 from lens.core.metrics import lens_kl_loss
+from lens.core.model import model_config
 from lens.core.translators import TunedLens, Unembed
 from lens.data.batches import ResumableBatches
 from lens.report.plots import plot_layer_convergence
@@ -147,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     if min(budgets) < 1:
         p.error(f"--budgets {args.budgets!r}: every budget must be at least 1 KL step")
     out, path = Path(args.out), Path(args.out) / "layers.json"
-    curves = json.loads(Path(args.curves).read_text()) if Path(args.curves).is_file() else {"points": []}
+    if not Path(args.curves).is_file():
+        p.error(f"--curves {args.curves}: no such file; pass the learning curves' record (docs/learning_curves.json)")
+    curves = json.loads(Path(args.curves).read_text())
+    arms = sorted({q["arm"] for q in curves["points"]})
+    if args.arm not in arms:
+        p.error(f"--arm {args.arm!r} has no points in {args.curves}; its arms are {arms}")
     record: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"points": [], "arm": args.arm}
     if args.table:
         if not record["points"]:
@@ -158,14 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     if record["points"] and any(record.get(key) != value for key, value in setup.items()):
         p.error(f"{path} holds points of {({key: record.get(key) for key in setup})}, not of {setup}: pass another --out")
     cfg = load_config(TrainConfig, args.config, [f"data.max_eval_sequences={args.eval_seqs}", *args.overrides])
-    model, data = model_and_data(cfg)
-    n_layers = model.config.num_hidden_layers
+    n_layers = model_config(cfg.model.name).num_hidden_layers  # read without the weights: a bad layer fails first
     if not all(0 <= layer < n_layers for layer in layers):
-        p.error(f"--layers {args.layers!r}: this model's translators are layers 0-{n_layers - 1}")
+        p.error(f"--layers {args.layers!r}: {cfg.model.name}'s translators are layers 0-{n_layers - 1}")
     done = {(q["layer"], q["kl_steps"]) for q in record["points"]}
     if all((layer, steps) in done for layer in layers for steps in budgets):
         print(table(record, curves))
         return
+    model, data = model_and_data(cfg)
     unembed = Unembed(model)
     held_out = HeldOut.capture(model, data.val_sequences, cfg.data.batch_size)  # type: ignore[arg-type]
     train = data.train_sequences(10**9)
